@@ -1,0 +1,158 @@
+"""Argument checks shared by every backend, so that bad input fails the same way everywhere.
+
+Each check raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, types) naming the argument, what it
+got and what was expected, before any kernel runs.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+MODES = ("adaptive", "naive", "none")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class Routing(NamedTuple):
+    """What a router decided for each token.
+
+    indices: (T, k + S) int64, the k selected sparse experts (best first) then the S shared experts N-S..N-1.
+    gates: (T, k + S) float32 (float64 for float64 inputs), the gate of each of those experts.
+    prob_sums: (tasks, N) float32, per-task sums over tokens of the full softmax over all N router logits
+        (what the Mod-Squad MI loss needs, without a (T, N) tensor).
+    """
+
+    indices: torch.Tensor
+    gates: torch.Tensor
+    prob_sums: torch.Tensor
+
+
+def _check_tensor(name: str, t, dim: int | None = None, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+
+
+def check_x(x) -> None:
+    _check_tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
+
+
+_last_checked: tuple[int, int, int] | None = None  # (id, version, tasks) of the last task_ids whose values passed
+
+
+def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
+    """Task id of every token: (T,) int64 from None, (T,) or one id per leading batch row of x (..., d_in)."""
+    tokens = x.shape[:-1].numel()
+    if task_ids is None:
+        if tasks != 1:
+            raise ValueError(f"task_ids is required: router_weight has {tasks} task routers")
+        return torch.zeros(tokens, dtype=torch.int64, device=x.device)
+    _check_tensor("task_ids", task_ids, dim=1, device=x.device)
+    if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
+        raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+    if task_ids.shape[0] != tokens:
+        if x.dim() > 2 and task_ids.shape[0] == x.shape[0]:
+            per_row = tokens // x.shape[0]
+            task_ids = task_ids[:, None].expand(x.shape[0], per_row).reshape(-1)
+        else:
+            raise ValueError(
+                f"task_ids must have one id per token ({tokens}) or per leading batch row of x "
+                f"({x.shape[0] if x.dim() > 2 else 'n/a'}), got shape {tuple(task_ids.shape)}"
+            )
+    _check_task_values(task_ids, tasks)
+    return task_ids.to(torch.int64)
+
+
+def _check_task_values(task_ids: torch.Tensor, tasks: int) -> None:
+    """Range check of the ids. It reads one scalar back from the device, so it is skipped while compiling or
+    capturing a CUDA graph, and done once per ids tensor: every layer of a model reuses the same ids."""
+    global _last_checked
+    if torch.compiler.is_compiling() or task_ids.numel() == 0:
+        return
+    if task_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    key = (id(task_ids), task_ids._version, tasks)
+    if key == _last_checked:
+        return
+    lo, hi = int(task_ids.min()), int(task_ids.max())
+    if lo < 0 or hi >= tasks:
+        raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
+    _last_checked = key
+
+
+def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
+    """Validate the arguments of ``route``. Returns x as (T, d_in) and task ids as (T,) int64."""
+    check_x(x)
+    _check_tensor("router_weight", router_weight, dim=3, dtype=x.dtype, device=x.device)
+    tasks, n, d_in = router_weight.shape
+    if d_in != x.shape[-1]:
+        raise ValueError(f"router_weight must have shape (tasks, N, {x.shape[-1]}), got {tuple(router_weight.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(num_shared, int) or not 0 <= num_shared <= n:
+        raise ValueError(f"num_shared must be an int in [0, N={n}], got {num_shared!r}")
+    if mode == "none" and num_shared != 0:
+        raise ValueError(f"mode 'none' has no shared experts: num_shared must be 0, got {num_shared}")
+    if not isinstance(top_k, int) or not 0 <= top_k <= n - num_shared:
+        raise ValueError(f"top_k must be an int in [0, N - S = {n - num_shared}] (the sparse pool), got {top_k!r}")
+    if top_k + num_shared == 0:
+        raise ValueError("top_k + num_shared must be at least 1: every token needs an active expert")
+    if tasks < 1 or n < 1:
+        raise ValueError(f"router_weight must have at least one task and one expert, got {tuple(router_weight.shape)}")
+    return x.reshape(-1, d_in), token_task_ids(task_ids, x, tasks)
+
+
+def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bias):
+    """Validate the arguments of ``moe_lora``. Returns x as (T, d_in) and the leading shape of x."""
+    check_x(x)
+    d_in = x.shape[-1]
+    _check_tensor("lora_A", lora_A, dim=3, dtype=x.dtype, device=x.device)
+    _check_tensor("lora_B", lora_B, dim=3, dtype=x.dtype, device=x.device)
+    n, rank, a_in = lora_A.shape
+    if a_in != d_in:
+        raise ValueError(f"lora_A must have shape (N, r, {d_in}), got {tuple(lora_A.shape)}")
+    if lora_B.shape[0] != n or lora_B.shape[2] != rank:
+        raise ValueError(f"lora_B must have shape ({n}, d_out, {rank}) to match lora_A, got {tuple(lora_B.shape)}")
+    if rank < 1:
+        raise ValueError(f"lora_A must have rank >= 1, got shape {tuple(lora_A.shape)}")
+    if not isinstance(routing, tuple) or len(routing) != 3:
+        raise TypeError("routing must be the Routing returned by route(), (indices, gates, prob_sums)")
+    indices, gates = routing[0], routing[1]
+    tokens = x.shape[:-1].numel()
+    _check_tensor("routing.indices", indices, dim=2, device=x.device)
+    _check_tensor("routing.gates", gates, dim=2, device=x.device)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"routing.indices must be int64, got {indices.dtype}")
+    if not gates.dtype.is_floating_point:
+        raise TypeError(f"routing.gates must be floating point, got {gates.dtype}")
+    if indices.shape[0] != tokens or gates.shape != indices.shape:
+        raise ValueError(
+            f"routing must cover the {tokens} tokens of x: indices {tuple(indices.shape)}, gates {tuple(gates.shape)}"
+        )
+    d_out = lora_B.shape[1]
+    if base_weight is not None:
+        _check_tensor("base_weight", base_weight, dim=2, dtype=x.dtype, device=x.device)
+        if base_weight.shape[0] != d_out:
+            raise ValueError(f"base_weight must have shape ({d_out}, d_base), got {tuple(base_weight.shape)}")
+        if base_input is None:
+            raise ValueError("base_input is required when base_weight is given")
+        _check_tensor("base_input", base_input, dtype=x.dtype, device=x.device)
+        if base_input.shape[:-1] != x.shape[:-1] or base_input.shape[-1] != base_weight.shape[1]:
+            raise ValueError(
+                f"base_input must have shape {(*x.shape[:-1], base_weight.shape[1])}, got {tuple(base_input.shape)}"
+            )
+        if base_bias is not None:
+            _check_tensor("base_bias", base_bias, dim=1, dtype=x.dtype, device=x.device)
+            if base_bias.shape[0] != d_out:
+                raise ValueError(f"base_bias must have shape ({d_out},), got {tuple(base_bias.shape)}")
+    elif base_input is not None or base_bias is not None:
+        raise ValueError("base_input and base_bias need base_weight")
+    return x.reshape(-1, d_in), x.shape[:-1]

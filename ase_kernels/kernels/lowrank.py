@@ -1,0 +1,322 @@
+"""Triton kernels of the MoE-LoRA expert sum, batched over tokens on the concatenated experts.
+
+At rank 1-4 the whole expert bank (R = N * r rank columns, 64 in every DESIGN.md configuration) is a single tile,
+so the kernels work token-major and mask each rank column by its token's gate instead of sorting tokens by
+expert. Column c belongs to expert c // r; the gate of a column is rebuilt in registers from the compact
+(indices, gates) of the router, never stored as a (T, R) tensor.
+
+Forward::
+
+    u = x @ A_all^T                                    # shrink: (T, R) fp32, saved for backward
+    y = base_input @ W0^T + b + scale * (u * g) @ B_all^T   # expand: the experts are a K-extension of the base GEMM
+
+Backward (W0 is frozen: no dW0, no saved base_input)::
+
+    du_g = scale * dy @ B_all; d_u = du_g * g          # shrink with a gating epilogue, which also gives
+    d_gates[t, j] = sum_{c in expert j} u * du_g       #   the gate gradients and ug = scale * u * g
+    dx = d_u @ A_all (+ dy @ W0 when x is base_input)  # expand
+    dA = d_u^T x;  dB = dy^T ug                        # weight_grad: token reductions cut into splits
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, interpreting, launch_config, next_block, token_splits
+
+
+@triton.jit
+def _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
+                 RANK: tl.constexpr, KS: tl.constexpr):
+    """Gate of every rank column offs_c for tokens offs_t: (BLOCK_T, BLOCK_R) fp32, 0 for unselected experts.
+    An index outside [0, N) matches no column, so it can neither read out of bounds nor add a gate."""
+    expert = offs_c // RANK
+    g = tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(KS):
+        e_j = tl.load(idx_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+        g_j = tl.load(gate_ptr + offs_t * stride_gt + j * stride_gk, mask=mask_t, other=0.0).to(tl.float32)
+        g += tl.where(expert[None, :] == e_j[:, None], g_j[:, None], 0.0)
+    return g
+
+
+@triton.jit
+def _shrink_kernel(
+    # pointers
+    inp_ptr, w_ptr, out_ptr, u_ptr, idx_ptr, gate_ptr, ug_ptr, dgate_ptr,
+    # sizes
+    T, K, R,
+    # strides
+    stride_pt, stride_pk, stride_wn, stride_wr, stride_wk, stride_ot, stride_oc, stride_ut, stride_uc,
+    stride_it, stride_ik, stride_gt, stride_gk, stride_dgt, stride_dgk,
+    scale,
+    # meta
+    RANK: tl.constexpr, KS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[t, c] = sum_k inp[t, k] W[c // r, c % r, k] over all R columns at once (BLOCK_R >= R).
+
+    Forward: out = u. Backward (inp = dy, W = B): out = d_u = scale * acc * g, ug = scale * u * g, and the gate
+    gradients, which need whole experts in one program: hence one R block.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_c = tl.arange(0, BLOCK_R)
+    mask_c = offs_c < R
+    w_cols = w_ptr + (offs_c // RANK) * stride_wn + (offs_c % RANK) * stride_wr
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(inp_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + offs_k[:, None] * stride_wk, mask=mask_c[None, :] & mask_k[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    mask_tc = mask_t[:, None] & mask_c[None, :]
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc
+    if not BACKWARD:
+        tl.store(out_ptrs, acc, mask=mask_tc)
+    else:
+        g = _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
+                         RANK, KS)
+        du_g = acc * scale
+        u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_c[None, :] * stride_uc, mask=mask_tc, other=0.0)
+        tl.store(out_ptrs, du_g * g, mask=mask_tc)
+        tl.store(ug_ptr + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc, u * g * scale, mask=mask_tc)
+        prod = u * du_g
+        expert = offs_c // RANK
+        for j in tl.static_range(KS):
+            e_j = tl.load(idx_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
+            d_j = tl.sum(tl.where(expert[None, :] == e_j[:, None], prod, 0.0), axis=1)
+            tl.store(dgate_ptr + offs_t * stride_dgt + j * stride_dgk, d_j, mask=mask_t)
+
+
+def _expand_configs():
+    # Keyed on (O, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
+    if interpreting():
+        return [triton.Config(dict(BLOCK_T=32, BLOCK_O=64, BLOCK_K=64), num_warps=1, num_stages=1)]
+    configs = [
+        triton.Config(dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=64), num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_T=128, BLOCK_O=256, BLOCK_K=64), num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_T=64, BLOCK_O=128, BLOCK_K=64), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_T=128, BLOCK_O=64, BLOCK_K=64), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=32), num_warps=4, num_stages=4),
+    ]
+    return configs[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else configs
+
+
+@triton.autotune(configs=_expand_configs(), key=["O", "K", "R", "HAS_BASE"])
+@triton.jit
+def _expand_kernel(
+    # pointers
+    p_ptr, q_ptr, bias_ptr, v_ptr, idx_ptr, gate_ptr, l_ptr, out_ptr,
+    # sizes
+    T, O, K, R,
+    # strides
+    stride_pt, stride_pk, stride_qo, stride_qk, stride_vt, stride_vc, stride_it, stride_ik, stride_gt, stride_gk,
+    stride_ln, stride_lr, stride_lo, stride_ot, stride_oo,
+    scale,
+    # meta
+    RANK: tl.constexpr, KS: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
+):
+    """out[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + scale * sum_c V[t, c] g[t, c] L[c // r, c % r, o].
+
+    The expert sum is a K-extension of R columns after the base GEMM, so a frozen Linear plus its experts is one
+    pass over the output tile. V is fp32 and L is upcast: the extension runs in tf32 (16-bit inputs) or ieee.
+    """
+    # grouped launch order (Triton tutorial 03): GROUP_T row blocks share each column block of Q in L2
+    pid = tl.program_id(0)
+    num_t = tl.cdiv(T, BLOCK_T)
+    num_o = tl.cdiv(O, BLOCK_O)
+    group = pid // (GROUP_T * num_o)
+    first_t = group * GROUP_T
+    group_size = min(num_t - first_t, GROUP_T)
+    pid_t = (first_t + (pid % (GROUP_T * num_o)) % group_size).to(tl.int64)
+    pid_o = ((pid % (GROUP_T * num_o)) // group_size).to(tl.int64)
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_t = offs_t < T
+    mask_o = offs_o < O
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    if HAS_BASE:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            p = tl.load(p_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk,
+                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            q = tl.load(q_ptr + offs_o[None, :] * stride_qo + offs_k[:, None] * stride_qk,
+                        mask=mask_o[None, :] & mask_k[:, None], other=0.0)
+            acc = tl.dot(p, q, acc, input_precision=PRECISION)
+    for c0 in range(0, R, BLOCK_R):
+        offs_c = c0 + tl.arange(0, BLOCK_R)
+        mask_c = offs_c < R
+        v = tl.load(v_ptr + offs_t[:, None] * stride_vt + offs_c[None, :] * stride_vc,
+                    mask=mask_t[:, None] & mask_c[None, :], other=0.0)
+        if GATED:
+            v *= _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
+                              RANK, KS)
+        w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
+                    + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+        acc = tl.dot(v * scale, w.to(tl.float32), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_o[None, :] * stride_oo, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_o[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(
+    # pointers
+    l_ptr, r_ptr, task_ptr, out_ptr,
+    # sizes
+    T, C, K, TOKENS_PER_SPLIT,
+    # strides
+    stride_lt, stride_lc, stride_rt, stride_rk, stride_task,
+    # meta
+    HAS_TASKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """partial[split, task, c, k] = sum over the split's tokens (of that task) of L[t, c] R[t, k].
+
+    Each program owns one (split, task, K block) and writes its own partial: no atomics, a deterministic sum.
+    """
+    pid_k = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    task = tl.program_id(2)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    t_end = tl.minimum(T, (split + 1) * TOKENS_PER_SPLIT)
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+    for t0 in range(split * TOKENS_PER_SPLIT, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_end
+        if HAS_TASKS:
+            mask_t &= tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1) == task
+        if tl.sum(mask_t.to(tl.int32), axis=0) > 0:
+            lt = tl.load(l_ptr + offs_c[:, None] * stride_lc + offs_t[None, :] * stride_lt,
+                         mask=mask_c[:, None] & mask_t[None, :], other=0.0)
+            r = tl.load(r_ptr + offs_t[:, None] * stride_rt + offs_k[None, :] * stride_rk,
+                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(lt, r.to(tl.float32), acc, input_precision=PRECISION)
+    part = ((split * tl.num_programs(2) + task) * C + offs_c[:, None]) * K + offs_k[None, :]
+    tl.store(out_ptr + part, acc, mask=mask_c[:, None] & mask_k[None, :])
+
+
+def weight_grad(left: torch.Tensor, right: torch.Tensor, tasks: int = 1, task_ids: torch.Tensor | None = None):
+    """sum_t left[t, :]^T right[t, :] per task: left (T, C) fp32, right (T, K) any float dtype,
+    task_ids (T,) int64 or None. Returns (tasks, C, K) fp32."""
+    t, c = left.shape
+    k = right.shape[1]
+    cfg = launch_config("wgrad", right)
+    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
+    splits = token_splits(right, t, k_blocks * tasks, cfg["BLOCK_T"])
+    per_split = triton.cdiv(triton.cdiv(max(t, 1), splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    partial = torch.empty(splits, tasks, c, k, dtype=torch.float32, device=left.device)
+    has_tasks = task_ids is not None
+    _wgrad_kernel[(k_blocks, splits, tasks)](
+        left, right, task_ids if has_tasks else left, partial,
+        t, c, k, per_split,
+        *left.stride(), *right.stride(), task_ids.stride(0) if has_tasks else 0,
+        HAS_TASKS=has_tasks, PRECISION=dot_precision(right),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_C=next_block(c), BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return partial.sum(0)
+
+
+_MAX_RANK_COLUMNS = 1024  # the shrink keeps all N * r columns in one tile (gate gradients need whole experts)
+
+
+def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
+    t, k = inp.shape
+    if r_cols > _MAX_RANK_COLUMNS:
+        raise ValueError(f"lora_A: N * r = {r_cols} rank columns is more than the kernels' {_MAX_RANK_COLUMNS}")
+    cfg = launch_config("shrink", inp)
+    out = torch.empty(t, r_cols, dtype=torch.float32, device=inp.device)
+    if backward is None:
+        u = idx = gates = ug = d_gates = out
+        ks, scale = 1, 1.0
+        idx_strides = gate_strides = dg_strides = (0, 0)
+    else:
+        u, idx, gates, scale = backward
+        ks = idx.shape[1]
+        ug = torch.empty_like(out)
+        d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device)
+        idx_strides, gate_strides, dg_strides = idx.stride(), gates.stride(), d_gates.stride()
+    _shrink_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
+        inp, w, out, u, idx, gates, ug, d_gates,
+        t, k, r_cols,
+        *inp.stride(), *w_strides, *out.stride(), *u.stride(), *idx_strides, *gate_strides, *dg_strides,
+        scale,
+        RANK=rank, KS=ks, BACKWARD=backward is not None, PRECISION=dot_precision(inp),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
+    )
+    return out if backward is None else (out, ug, d_gates)
+
+
+def _expand(out, v, l_strides, l, rank, scale, gating=None, base=None, bias=None):
+    """out (T, O) = [base[0] @ Q^T] + bias + scale * (v [* g]) @ L_all^T; base = (P, Q, stride_qo, stride_qk)."""
+    t, o = out.shape
+    r_cols = v.shape[1]
+    idx, gates = gating if gating is not None else (v, v)
+    p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
+    k = p.shape[1] if base is not None else 0
+
+    def grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
+
+    _expand_kernel[grid](
+        p, q, bias if bias is not None else v, v, idx, gates, l, out,
+        t, o, k, r_cols,
+        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *l_strides, *out.stride(),
+        scale,
+        RANK=rank, KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
+        HAS_BIAS=bias is not None, GATED=gating is not None, PRECISION=dot_precision(out),
+        BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
+    )
+    return out
+
+
+def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, base_weight, base_bias):
+    """x: (T, d_in); lora_A: (N, r, d_in); lora_B: (N, d_out, r); indices, gates: (T, k + S).
+
+    Returns y (T, d_out) in x's dtype and u = x A_all^T (T, N * r) fp32.
+    """
+    n, rank, _ = lora_A.shape
+    d_out = lora_B.shape[1]
+    sa, sb = lora_A.stride(), lora_B.stride()
+    u = _shrink(x, (sa[0], sa[1], sa[2]), lora_A, rank, n * rank)
+    y = torch.empty(x.shape[0], d_out, dtype=x.dtype, device=x.device)
+    base = None
+    if base_weight is not None:
+        base = (base_input, base_weight, base_weight.stride(0), base_weight.stride(1))
+    _expand(y, u, (sb[0], sb[2], sb[1]), lora_B, rank, scale, gating=(indices, gates), base=base, bias=base_bias)
+    return y, u
+
+
+def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_weight, need_d_base_input: bool,
+                 fuse_base: bool = False):
+    """Gradients of :func:`moe_lora_fwd`: d_x, d_A, d_B, d_gates (T, k + S) fp32, and d_base_input or None.
+
+    fuse_base: x is base_input (a LoRA'd Linear), so d_x = d_u @ A_all + d_y @ W0 comes out of one expand.
+    """
+    n, rank, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    sa, sb = lora_A.stride(), lora_B.stride()
+    d_u, ug, d_gates = _shrink(d_y, (sb[0], sb[2], sb[1]), lora_B, rank, n * rank, backward=(u, indices, gates, scale))
+    d_x = torch.empty_like(x)
+    base = (d_y, base_weight, base_weight.stride(1), base_weight.stride(0)) if fuse_base else None
+    _expand(d_x, d_u, (sa[0], sa[1], sa[2]), lora_A, rank, 1.0, base=base)
+    d_base_input = None
+    if need_d_base_input and not fuse_base:
+        d_base_input = d_y @ base_weight  # a plain frozen-weight GEMM: cuBLAS
+    d_a = weight_grad(d_u, x).view(n, rank, d_in)
+    d_b = weight_grad(ug, d_y).view(n, rank, d_out).permute(0, 2, 1).contiguous()
+    return d_x, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_base_input

@@ -1,0 +1,230 @@
+"""nn.Modules: a LoRA-MoE Linear and an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``."""
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .checks import MODES
+from .ops import mi_loss, moe_lora, route
+
+PLACEMENTS = ("ffn", "fc1", "fc2", "fc1+fc2")
+
+
+class LoRAExperts(nn.Module):
+    """N low-rank experts ``E_i(x) = B_i A_i x``, stacked in two parameters (one DDP bucket each, every
+    parameter used every step). A is LoRA's Kaiming-uniform, B is zero: a fresh expert adds nothing.
+
+    A: (N, r, in_features); B: (N, out_features, r).
+    """
+
+    def __init__(self, num_experts: int, rank: int, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device, dtype=dtype))
+        for a in self.A:  # per expert: the fan-in is in_features, as for LoRA's nn.Linear(in_features, r)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        n, r, d_in = self.A.shape
+        return f"num_experts={n}, rank={r}, in_features={d_in}, out_features={self.B.shape[1]}"
+
+
+class _Routed(nn.Module):
+    """What every ASE module shares: the task routers, the routing call, and the statistics of its last call."""
+
+    def _init_routing(self, in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= num_shared <= num_experts or not 0 <= top_k <= num_experts - num_shared:
+            raise ValueError(
+                f"need 0 <= num_shared <= num_experts and 0 <= top_k <= num_experts - num_shared, got "
+                f"num_experts={num_experts}, top_k={top_k}, num_shared={num_shared}"
+            )
+        if num_tasks < 1 or rank < 1:
+            raise ValueError(f"num_tasks and rank must be >= 1, got num_tasks={num_tasks}, rank={rank}")
+        self.num_experts, self.top_k, self.num_shared, self.rank = num_experts, top_k, num_shared, rank
+        self.num_tasks, self.mode = num_tasks, mode
+        self.scale = (alpha if alpha is not None else rank) / rank
+        # zero-initialised as in Mod-Squad: every token starts with equal logits, so top-k ties go to low indices
+        self.router = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features, device=device, dtype=dtype))
+        self._task_ids: torch.Tensor | None = None  # set by ase_kernels.task_ids(model, ids)
+        self.last_prob_sums: torch.Tensor | None = None
+        self._last = None
+
+    def _route(self, x: torch.Tensor, task_ids: torch.Tensor | None):
+        ids = task_ids if task_ids is not None else self._task_ids
+        routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
+        self.last_prob_sums = routing.prob_sums
+        # references only, no copies: the statistics are computed when someone asks for them
+        self._last = (routing.indices.detach(), routing.gates.detach(), ids, x.shape[:-1])
+        return routing
+
+    def mi_loss(self) -> torch.Tensor:
+        """Mod-Squad MI loss of this layer's last forward (a scalar with gradient)."""
+        if self.last_prob_sums is None:
+            raise RuntimeError("mi_loss() needs a forward call first")
+        return mi_loss(self.last_prob_sums)
+
+    @torch.no_grad()
+    def routing_stats(self) -> dict[str, torch.Tensor]:
+        """Statistics of the last forward, for training logs: ``shared_gate`` (tasks,) the mean total gate of the
+        shared experts over each task's tokens, and ``load`` (tasks, N) the fraction of each task's tokens that
+        each expert served. Tasks without tokens get 0. Device tensors: no host synchronisation."""
+        if self._last is None:
+            raise RuntimeError("routing_stats() needs a forward call first")
+        indices, gates, ids, lead = self._last
+        tokens = indices.shape[0]
+        if ids is None:
+            ids = torch.zeros(tokens, dtype=torch.int64, device=indices.device)
+        elif ids.shape[0] != tokens:  # one id per leading batch row
+            ids = ids[:, None].expand(ids.shape[0], tokens // ids.shape[0]).reshape(-1)
+        ids = ids.to(torch.int64)
+        count = torch.zeros(self.num_tasks, device=indices.device).index_add_(0, ids, gates.new_ones(tokens))
+        shared = gates[:, self.top_k :].sum(-1)
+        shared_gate = torch.zeros_like(count).index_add_(0, ids, shared) / count.clamp_min(1)
+        load = torch.zeros(self.num_tasks, self.num_experts, device=indices.device)
+        load.index_put_((ids[:, None].expand_as(indices), indices), gates.new_ones(indices.shape), accumulate=True)
+        return {"shared_gate": shared_gate, "load": load / count.clamp_min(1)[:, None]}
+
+    def _routing_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, num_shared={self.num_shared}, rank={self.rank}, "
+                f"scale={self.scale:g}, num_tasks={self.num_tasks}, mode={self.mode!r}")
+
+
+class MoELoRALinear(_Routed):
+    """A frozen ``nn.Linear`` plus a routed mixture of LoRA experts: ``y = base(x) + scale * sum_i g_i B_i A_i x``.
+
+    The base layer is frozen here (``requires_grad_(False)``); its product and the experts run as one fused op.
+
+    Args:
+        base: the nn.Linear to adapt (d_in -> d_out).
+        num_experts, top_k, num_shared, rank: N, k, S, r.
+        num_tasks: task-specific routers; forward then takes ``task_ids``.
+        mode: ``adaptive`` | ``naive`` | ``none``. alpha: LoRA alpha, scale = alpha / r (default alpha = r).
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> layer = ak.MoELoRALinear(torch.nn.Linear(16, 24), num_experts=8, top_k=2, num_shared=1, rank=2)
+        >>> x = torch.randn(3, 5, 16)
+        >>> torch.equal(layer(x), layer.base(x))  # B starts at zero
+        True
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int = 32, top_k: int = 6, num_shared: int = 2, rank: int = 2,
+                 num_tasks: int = 1, mode: str = "adaptive", alpha: float | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        w = base.weight
+        self.base = base.requires_grad_(False)
+        self._init_routing(base.in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode,
+                           w.device, w.dtype)
+        self.experts = LoRAExperts(num_experts, rank, base.in_features, base.out_features, w.device, w.dtype)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., d_in); task_ids: (T,) or one per leading batch row, or None. Returns (..., d_out)."""
+        routing = self._route(x, task_ids)
+        return moe_lora(x, self.experts.A, self.experts.B, routing, self.scale, base_input=x,
+                        base_weight=self.base.weight, base_bias=self.base.bias)
+
+    def extra_repr(self) -> str:
+        return self._routing_repr()
+
+
+class ASEMlp(_Routed):
+    """ViT FFN with Adaptive Shared Experts, a drop-in for ``timm.layers.Mlp`` (same fc1/act/drop1/norm/fc2/drop2
+    names, so timm checkpoints load). One router per FFN, fed with the FFN input.
+
+    placement: ``ffn`` (experts map the FFN input d -> d and are added to its output; the paper's Eq. 10),
+    ``fc1`` / ``fc2`` / ``fc1+fc2`` (experts are LoRA deltas of those Linears, sharing the one routing).
+    The base fc1/fc2 are not frozen here: freeze them in the model, as a frozen-ViT fine-tune does.
+
+    Example:
+        >>> import functools, timm, torch, ase_kernels as ak
+        >>> mlp = functools.partial(ak.ASEMlp, num_experts=8, top_k=2, num_shared=1, rank=2, num_tasks=2)
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, mlp_layer=mlp)
+        >>> with ak.task_ids(vit, torch.tensor([0, 1])):
+        ...     vit(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1000])
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer=nn.GELU, norm_layer=None, bias: bool | tuple[bool, bool] = True,
+                 drop: float | tuple[float, float] = 0.0, use_conv: bool = False, *, num_experts: int = 32,
+                 top_k: int = 6, num_shared: int = 2, rank: int = 2, alpha: float | None = None, num_tasks: int = 1,
+                 mode: str = "adaptive", placement: str = "ffn", device=None, dtype=None, **kwargs):
+        super().__init__()
+        if use_conv:
+            raise ValueError("use_conv=True (1x1-conv Mlp) is not supported by ASEMlp: tokens must be (..., d)")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        bias = bias if isinstance(bias, tuple) else (bias, bias)
+        drop = drop if isinstance(drop, tuple) else (drop, drop)
+        factory = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias[0], **factory)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop[0])
+        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias[1], **factory)
+        self.drop2 = nn.Dropout(drop[1])
+        self.placement = placement
+        self._init_routing(in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype)
+        shapes = {"ffn": (in_features, out_features), "fc1": (in_features, hidden_features),
+                  "fc2": (hidden_features, out_features)}
+        targets = ("fc1", "fc2") if placement == "fc1+fc2" else (placement,)
+        self.experts = nn.ModuleDict(
+            {name: LoRAExperts(num_experts, rank, *shapes[name], **factory) for name in targets}
+        )
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., in_features); task_ids: (T,) or one per leading batch row, or None (one task, or the ids set
+        by :func:`task_ids`). Returns (..., out_features)."""
+        routing = self._route(x, task_ids)
+        experts = self.experts
+        if "fc1" in experts:
+            h = moe_lora(x, experts["fc1"].A, experts["fc1"].B, routing, self.scale, base_input=x,
+                         base_weight=self.fc1.weight, base_bias=self.fc1.bias)
+        else:
+            h = self.fc1(x)
+        h = self.norm(self.drop1(self.act(h)))
+        if "ffn" in experts:  # the expert sum rides inside fc2's GEMM
+            y = moe_lora(x, experts["ffn"].A, experts["ffn"].B, routing, self.scale, base_input=h,
+                         base_weight=self.fc2.weight, base_bias=self.fc2.bias)
+        elif "fc2" in experts:
+            y = moe_lora(h, experts["fc2"].A, experts["fc2"].B, routing, self.scale, base_input=h,
+                         base_weight=self.fc2.weight, base_bias=self.fc2.bias)
+        else:
+            y = self.fc2(h)
+        return self.drop2(y)
+
+    def extra_repr(self) -> str:
+        return f"placement={self.placement!r}, {self._routing_repr()}"
+
+
+def ase_modules(model: nn.Module) -> Iterator[_Routed]:
+    """The ASE modules (ASEMlp, MoELoRALinear) inside model, in registration order."""
+    return (m for m in model.modules() if isinstance(m, _Routed))
+
+
+@contextlib.contextmanager
+def task_ids(model: nn.Module, ids: torch.Tensor):
+    """Hand task ids to every ASE module in model for calls made without ``task_ids`` (timm's blocks call
+    ``mlp(x)``). ids: (B,) one per image, or (T,) one per token.
+
+    Example:
+        >>> with ak.task_ids(vit, ids):  # doctest: +SKIP
+        ...     out = vit(images)
+    """
+    modules = list(ase_modules(model))
+    for m in modules:
+        m._task_ids = ids
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m._task_ids = None

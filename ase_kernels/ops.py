@@ -1,0 +1,286 @@
+"""The public ops: argument checks, autocast, backend dispatch, and their ``torch.library`` registration.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a registered autograd formula whose
+backward is itself a custom op, so ``torch.compile(fullgraph=True)`` and CUDA graphs see two opaque nodes and no
+host synchronisation. Backends (``ASE_KERNELS_BACKEND`` forces one):
+
+- ``triton``: the kernels of :mod:`ase_kernels.kernels`; the default for CUDA tensors and under
+  ``TRITON_INTERPRET=1``;
+- ``torch``: the vectorised :mod:`ase_kernels.torch_ops`; the default for CPU tensors;
+- ``reference``: :mod:`ase_kernels.reference`, the per-expert loop, differentiated by autograd.
+"""
+
+import os
+import types
+
+import torch
+
+from . import reference, torch_ops
+from .checks import Routing, check_moe_lora, check_route
+from .kernels.common import interpreting
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+def backend(x: torch.Tensor) -> str:
+    """The backend that serves tensors like x: ASE_KERNELS_BACKEND if set, else triton on CUDA or under the
+    interpreter, else torch."""
+    name = os.environ.get("ASE_KERNELS_BACKEND", "").strip().lower()
+    if name:
+        if name not in BACKENDS:
+            raise ValueError(f"ASE_KERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
+        return name
+    return "triton" if x.is_cuda or interpreting() else "torch"
+
+
+def _impl(x: torch.Tensor) -> types.ModuleType | types.SimpleNamespace:
+    if backend(x) != "triton":
+        return torch_ops
+    if x.dtype == torch.float64:
+        raise TypeError("x must be float32, float16 or bfloat16 for the Triton backend, got torch.float64")
+    if not x.is_cuda and not interpreting():
+        raise ValueError(f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), x is on {x.device}")
+    from .kernels import lowrank, routing  # imported on first use: a CPU-only user never pays for Triton
+
+    return types.SimpleNamespace(route_fwd=routing.route_fwd, route_bwd=routing.route_bwd,
+                                 moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd)
+
+
+def _gate_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, cast the float arguments to the autocast dtype (ops run in one dtype)."""
+    ref = tensors[0]
+    if not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------------ route
+
+
+@torch.library.custom_op("ase_kernels::route", mutates_args=())
+def _route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor, top_k: int, num_shared: int,
+           mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_impl(x).route_fwd(x, router_weight, task_ids, top_k, num_shared, mode))
+
+
+@_route.register_fake
+def _(x, router_weight, task_ids, top_k, num_shared, mode):
+    ks = top_k + num_shared
+    gdt = _gate_dtype(x)
+    return (x.new_empty(x.shape[0], ks, dtype=torch.int64), x.new_empty(x.shape[0], ks, dtype=gdt),
+            x.new_empty(router_weight.shape[:2], dtype=gdt))
+
+
+@torch.library.custom_op("ase_kernels::route_backward", mutates_args=())
+def _route_backward(d_gates: torch.Tensor, d_prob_sums: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor,
+                    task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, top_k: int, num_shared: int,
+                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
+                                    num_shared, mode))
+
+
+@_route_backward.register_fake
+def _(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k, num_shared, mode):
+    return torch.empty_like(x), torch.empty_like(router_weight)
+
+
+def _route_setup(ctx, inputs, output):
+    x, router_weight, task_ids, top_k, num_shared, mode = inputs
+    indices, gates, _ = output
+    ctx.mark_non_differentiable(indices)
+    # Saved: x and the router weight (already alive), ids and the compact routing; the (T, N) logits are
+    # recomputed in backward (one small GEMM) instead of being saved.
+    ctx.save_for_backward(x, router_weight, task_ids, indices, gates)
+    ctx.config = (top_k, num_shared, mode)
+
+
+def _route_grad(ctx, d_indices, d_gates, d_prob_sums):
+    x, router_weight, task_ids, indices, gates = ctx.saved_tensors
+    d_x, d_w = _route_backward(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, *ctx.config)
+    return d_x, d_w, None, None, None, None
+
+
+_route.register_autograd(_route_grad, setup_context=_route_setup)
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor | None = None, *, top_k: int,
+          num_shared: int, mode: str = "adaptive") -> Routing:
+    """Route every token to k sparse experts plus the S shared ones, with its task's router.
+
+    Args:
+        x: (..., d_in) float32, float16 or bfloat16.
+        router_weight: (tasks, N, d_in), x's dtype; rows N-S..N-1 are the shared experts' router.
+        task_ids: (T,) integer, T = x.numel() // d_in, or one id per leading batch row of x; may be None with
+            one task.
+        top_k: k, sparse experts per token, 0 <= k <= N - S.
+        num_shared: S, shared experts, active for every token.
+        mode: ``adaptive`` (ASE: one softmax over the k selected and S shared logits), ``naive`` (softmax over
+            the sparse logits, top-k kept without renormalising, shared gates 1) or ``none`` (naive with S = 0).
+
+    Returns:
+        :class:`Routing` with indices (T, k + S) int64, gates (T, k + S) float32 and prob_sums (tasks, N)
+        float32. Gates are float32 whatever x's dtype, so adaptive gates sum to 1 to float32 precision. Gradients
+        flow from gates and prob_sums into x and router_weight; ties in top-k go to the lower expert index.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> x, w = torch.randn(10, 16), torch.randn(2, 8, 16)
+        >>> r = ak.route(x, w, torch.tensor([0] * 5 + [1] * 5), top_k=3, num_shared=2)
+        >>> r.indices.shape, r.gates.sum(-1).allclose(torch.ones(10))
+        (torch.Size([10, 5]), True)
+    """
+    x, router_weight = _autocast(x, router_weight)
+    x2, ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
+    if backend(x) == "reference":
+        return reference.route(x, router_weight, ids, top_k=top_k, num_shared=num_shared, mode=mode)
+    if x2.shape[0] == 0:
+        ks, gdt = top_k + num_shared, _gate_dtype(x)
+        return Routing(x2.new_empty(0, ks, dtype=torch.int64), x2.new_empty(0, ks, dtype=gdt),
+                       (router_weight.sum(-1) * 0).to(gdt))
+    return Routing(*_route(x2, router_weight, ids, top_k, num_shared, mode))
+
+
+# --------------------------------------------------------------------------------------------------- moe_lora
+
+
+@torch.library.custom_op("ase_kernels::moe_lora", mutates_args=())
+def _moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
+              gates: torch.Tensor, scale: float, base_input: torch.Tensor | None, base_weight: torch.Tensor | None,
+              base_bias: torch.Tensor | None, base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_impl(x).moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale, x if base_is_x else base_input,
+                                       base_weight, base_bias))
+
+
+@_moe_lora.register_fake
+def _(x, lora_A, lora_B, indices, gates, scale, base_input, base_weight, base_bias, base_is_x):
+    n, rank, _ = lora_A.shape
+    return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], n * rank, dtype=_gate_dtype(x))
+
+
+@torch.library.custom_op("ase_kernels::moe_lora_backward", mutates_args=())
+def _moe_lora_backward(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       indices: torch.Tensor, gates: torch.Tensor, u: torch.Tensor, scale: float,
+                       base_weight: torch.Tensor | None, need_d_base_input: bool,
+                       base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(x)
+    if impl is torch_ops:
+        d_x, d_a, d_b, d_g, d_base = impl.moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
+                                                       need_d_base_input or base_is_x)
+        if base_is_x:
+            d_x, d_base = d_x + d_base, None
+    else:
+        d_x, d_a, d_b, d_g, d_base = impl.moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
+                                                       need_d_base_input, fuse_base=base_is_x)
+    # a custom op returns tensors only: an absent base-input gradient is an empty tensor
+    return d_x, d_a, d_b, d_g, d_base if d_base is not None else x.new_empty(0)
+
+
+@_moe_lora_backward.register_fake
+def _(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight, need_d_base_input, base_is_x):
+    d_base = (x.new_empty(x.shape[0], base_weight.shape[1]) if need_d_base_input and not base_is_x
+              else x.new_empty(0))
+    return (torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B),
+            gates.new_empty(gates.shape, dtype=_gate_dtype(x)), d_base)
+
+
+def _moe_lora_setup(ctx, inputs, output):
+    x, lora_A, lora_B, indices, gates, scale, base_input, base_weight, base_bias, base_is_x = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    # Saved: x and u = x A_all^T (T, N * r), the compact routing, the weights. base_input is saved only when the
+    # base weight itself trains: a frozen W0 needs no activation for its (absent) gradient.
+    weight_trains = base_weight is not None and ctx.needs_input_grad[7]
+    ctx.save_for_backward(x, lora_A, lora_B, indices, gates, u, base_weight,
+                          (x if base_is_x else base_input) if weight_trains else None)
+    ctx.scale, ctx.base_is_x = scale, base_is_x
+    ctx.need_d_base_input = base_weight is not None and not base_is_x and ctx.needs_input_grad[6]
+    ctx.bias_trains = base_bias is not None and ctx.needs_input_grad[8]
+
+
+def _moe_lora_grad(ctx, d_y, d_u):
+    x, lora_A, lora_B, indices, gates, u, base_weight, base_input = ctx.saved_tensors
+    d_x, d_a, d_b, d_g, d_base = _moe_lora_backward(d_y, x, lora_A, lora_B, indices, gates, u, ctx.scale,
+                                                    base_weight, ctx.need_d_base_input, ctx.base_is_x)
+    # the frozen-base path; kept for completeness when a user does train W0 or its bias
+    d_w0 = (d_y.T @ base_input).to(base_weight.dtype) if base_input is not None else None
+    d_bias = d_y.sum(0) if ctx.bias_trains else None
+    return (d_x, d_a, d_b, None, d_g, None, d_base if ctx.need_d_base_input else None, d_w0, d_bias, None)
+
+
+_moe_lora.register_autograd(_moe_lora_grad, setup_context=_moe_lora_setup)
+
+
+def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routing: Routing, scale: float = 1.0,
+             base_input: torch.Tensor | None = None, base_weight: torch.Tensor | None = None,
+             base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Gated sum of low-rank experts, optionally fused into a frozen base Linear:
+    ``y = base_input @ base_weight^T + base_bias + scale * sum_i g_i B_i A_i x``.
+
+    Args:
+        x: (..., d_in) float32, float16 or bfloat16: the experts' input.
+        lora_A: (N, r, d_in), lora_B: (N, d_out, r), x's dtype.
+        routing: the :class:`Routing` of these tokens, from :func:`route`.
+        scale: alpha / r.
+        base_input: (..., d_base) or None; base_weight: (d_out, d_base) or None; base_bias: (d_out,) or None.
+            For a LoRA'd Linear pass base_input=x. The base weight is treated as frozen: it gets a gradient only
+            if it requires one, and then base_input is saved for it.
+
+    Returns:
+        y: (..., d_out) in x's dtype. Backward gives x, lora_A, lora_B, routing.gates and base_input gradients;
+        it saves u = x A_all^T (T, N * r) in float32 and no per-expert output.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> x = torch.randn(10, 16)
+        >>> r = ak.route(x, torch.randn(1, 8, 16), top_k=2, num_shared=1)
+        >>> y = ak.moe_lora(x, torch.randn(8, 2, 16), torch.randn(8, 24, 2), r)
+        >>> y.shape
+        torch.Size([10, 24])
+    """
+    same = base_input is x
+    x, lora_A, lora_B, base_input, base_weight, base_bias = _autocast(x, lora_A, lora_B, base_input, base_weight,
+                                                                      base_bias)
+    if same:
+        base_input = x
+    x2, lead = check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bias)
+    if backend(x) == "reference":
+        return reference.moe_lora(x, lora_A, lora_B, routing, scale, base_input, base_weight, base_bias)
+    d_out = lora_B.shape[1]
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, d_out)
+    base2 = None if base_input is None or same else base_input.reshape(-1, base_input.shape[-1])
+    y, _ = _moe_lora(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
+                     base_bias, same)
+    return y.reshape(*lead, d_out)
+
+
+# ---------------------------------------------------------------------------------------------------- mi_loss
+
+
+def mi_loss(prob_sums: torch.Tensor) -> torch.Tensor:
+    """Mod-Squad mutual-information loss of one layer, ``-sum P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``.
+
+    Args:
+        prob_sums: (tasks, N), the per-task sums of the full router softmax (``Routing.prob_sums``).
+
+    Returns:
+        A scalar in prob_sums' dtype; 0 for an empty batch. Weight it (the paper uses 0.005) and sum over layers.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> float(ak.mi_loss(torch.tensor([[2.0, 0.0], [0.0, 2.0]])))  # each task owns one expert: -log 2
+        -0.693...
+    """
+    if prob_sums.dim() != 2:
+        raise ValueError(f"prob_sums must have shape (tasks, N), got {tuple(prob_sums.shape)}")
+    tiny = torch.finfo(prob_sums.dtype).tiny
+    p_te = prob_sums / prob_sums.sum().clamp_min(tiny)  # (tasks, N)
+    p_t = p_te.sum(dim=1, keepdim=True)  # (tasks, 1)
+    p_e = p_te.sum(dim=0, keepdim=True)  # (1, N)
+    # empty tasks or experts have P(t, e) = 0: their terms are 0 * log(1e-4) = 0, the clamp only avoids 0 / 0
+    return -(p_te * torch.log(p_te / (p_t * p_e).clamp_min(tiny) + 1e-4)).sum()
