@@ -4,6 +4,7 @@ Each check raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, type
 got and what was expected, before any kernel runs.
 """
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -45,7 +46,7 @@ def check_x(x) -> None:
         raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
 
 
-_last_checked: tuple[int, int, int] | None = None  # (id, version, tasks) of the last task_ids whose values passed
+_last_checked: tuple | None = None  # (weakref, version, tasks) of the last task_ids whose values passed
 
 
 def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
@@ -79,13 +80,13 @@ def _check_task_values(task_ids: torch.Tensor, tasks: int) -> None:
         return
     if task_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    key = (id(task_ids), task_ids._version, tasks)
-    if key == _last_checked:
+    if (_last_checked is not None and _last_checked[0]() is task_ids
+            and _last_checked[1:] == (task_ids._version, tasks)):
         return
     lo, hi = int(task_ids.min()), int(task_ids.max())
     if lo < 0 or hi >= tasks:
         raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
-    _last_checked = key
+    _last_checked = (weakref.ref(task_ids), task_ids._version, tasks)
 
 
 def check_route(x, router_weight, task_ids, top_k, num_shared, mode):

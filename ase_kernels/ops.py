@@ -4,8 +4,8 @@ Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a
 backward is itself a custom op, so ``torch.compile(fullgraph=True)`` and CUDA graphs see two opaque nodes and no
 host synchronisation. Backends (``ASE_KERNELS_BACKEND`` forces one):
 
-- ``triton``: the kernels of :mod:`ase_kernels.kernels`; the default for CUDA tensors and under
-  ``TRITON_INTERPRET=1``;
+- ``triton``: the kernels of :mod:`ase_kernels.kernels`; the default for CUDA tensors (CPU tensors run them
+  under ``TRITON_INTERPRET=1``);
 - ``torch``: the vectorised :mod:`ase_kernels.torch_ops`; the default for CPU tensors;
 - ``reference``: :mod:`ase_kernels.reference`, the per-expert loop, differentiated by autograd.
 """
@@ -23,27 +23,35 @@ BACKENDS = ("reference", "torch", "triton")
 
 
 def backend(x: torch.Tensor) -> str:
-    """The backend that serves tensors like x: ASE_KERNELS_BACKEND if set, else triton on CUDA or under the
-    interpreter, else torch."""
+    """The backend that serves tensors like x: ASE_KERNELS_BACKEND if set, else triton for CUDA tensors and torch
+    for the rest. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (the tests do this)."""
     name = os.environ.get("ASE_KERNELS_BACKEND", "").strip().lower()
     if name:
         if name not in BACKENDS:
             raise ValueError(f"ASE_KERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
         return name
-    return "triton" if x.is_cuda or interpreting() else "torch"
+    return "triton" if x.is_cuda else "torch"
 
 
 def _impl(x: torch.Tensor) -> types.ModuleType | types.SimpleNamespace:
+    """The backend functions for x. Callers run them with autocast off: the ops pick their own precisions."""
     if backend(x) != "triton":
         return torch_ops
     if x.dtype == torch.float64:
         raise TypeError("x must be float32, float16 or bfloat16 for the Triton backend, got torch.float64")
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), x is on {x.device}")
+    if interpreting() and x.dtype == torch.bfloat16:
+        # the interpreter multiplies bf16 bit patterns as integers (triton-lang/triton#11584): a wrong answer
+        raise TypeError("x must be float32 or float16 under TRITON_INTERPRET=1: the interpreter cannot multiply bf16")
     from .kernels import lowrank, routing  # imported on first use: a CPU-only user never pays for Triton
 
     return types.SimpleNamespace(route_fwd=routing.route_fwd, route_bwd=routing.route_bwd,
                                  moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd)
+
+
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _gate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -65,33 +73,37 @@ def _autocast(*tensors):
 @torch.library.custom_op("ase_kernels::route", mutates_args=())
 def _route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor, top_k: int, num_shared: int,
            mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_impl(x).route_fwd(x, router_weight, task_ids, top_k, num_shared, mode))
+    with _no_autocast(x):
+        indices, gates, prob_sums = _impl(x).route_fwd(x, router_weight, task_ids, top_k, num_shared, mode)
+    # float outputs first: opcheck's autograd test sums the outputs in order, and an int64 first one breaks it
+    return gates, prob_sums, indices
 
 
 @_route.register_fake
 def _(x, router_weight, task_ids, top_k, num_shared, mode):
     ks = top_k + num_shared
     gdt = _gate_dtype(x)
-    return (x.new_empty(x.shape[0], ks, dtype=torch.int64), x.new_empty(x.shape[0], ks, dtype=gdt),
-            x.new_empty(router_weight.shape[:2], dtype=gdt))
+    return (x.new_empty(x.shape[0], ks, dtype=gdt), x.new_empty(router_weight.shape[:2], dtype=gdt),
+            x.new_empty(x.shape[0], ks, dtype=torch.int64))
 
 
 @torch.library.custom_op("ase_kernels::route_backward", mutates_args=())
 def _route_backward(d_gates: torch.Tensor, d_prob_sums: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor,
                     task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, top_k: int, num_shared: int,
                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
-                                    num_shared, mode))
+    with _no_autocast(x):
+        return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
+                                        num_shared, mode))
 
 
 @_route_backward.register_fake
 def _(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k, num_shared, mode):
-    return torch.empty_like(x), torch.empty_like(router_weight)
+    return x.new_empty(x.shape), router_weight.new_empty(router_weight.shape)
 
 
 def _route_setup(ctx, inputs, output):
     x, router_weight, task_ids, top_k, num_shared, mode = inputs
-    indices, gates, _ = output
+    gates, _, indices = output
     ctx.mark_non_differentiable(indices)
     # Saved: x and the router weight (already alive), ids and the compact routing; the (T, N) logits are
     # recomputed in backward (one small GEMM) instead of being saved.
@@ -99,7 +111,7 @@ def _route_setup(ctx, inputs, output):
     ctx.config = (top_k, num_shared, mode)
 
 
-def _route_grad(ctx, d_indices, d_gates, d_prob_sums):
+def _route_grad(ctx, d_gates, d_prob_sums, d_indices):
     x, router_weight, task_ids, indices, gates = ctx.saved_tensors
     d_x, d_w = _route_backward(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, *ctx.config)
     return d_x, d_w, None, None, None, None
@@ -142,7 +154,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
         ks, gdt = top_k + num_shared, _gate_dtype(x)
         return Routing(x2.new_empty(0, ks, dtype=torch.int64), x2.new_empty(0, ks, dtype=gdt),
                        (router_weight.sum(-1) * 0).to(gdt))
-    return Routing(*_route(x2, router_weight, ids, top_k, num_shared, mode))
+    gates, prob_sums, indices = _route(x2, router_weight, ids, top_k, num_shared, mode)
+    return Routing(indices, gates, prob_sums)
 
 
 # --------------------------------------------------------------------------------------------------- moe_lora
@@ -152,8 +165,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
 def _moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
               gates: torch.Tensor, scale: float, base_input: torch.Tensor | None, base_weight: torch.Tensor | None,
               base_bias: torch.Tensor | None, base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_impl(x).moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale, x if base_is_x else base_input,
-                                       base_weight, base_bias))
+    with _no_autocast(x):
+        return tuple(_impl(x).moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale,
+                                           x if base_is_x else base_input, base_weight, base_bias))
 
 
 @_moe_lora.register_fake
@@ -167,6 +181,13 @@ def _moe_lora_backward(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
                        indices: torch.Tensor, gates: torch.Tensor, u: torch.Tensor, scale: float,
                        base_weight: torch.Tensor | None, need_d_base_input: bool,
                        base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _no_autocast(x):
+        return _moe_lora_backward_impl(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
+                                       need_d_base_input, base_is_x)
+
+
+def _moe_lora_backward_impl(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight, need_d_base_input,
+                            base_is_x):
     impl = _impl(x)
     if impl is torch_ops:
         d_x, d_a, d_b, d_g, d_base = impl.moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
@@ -184,7 +205,7 @@ def _moe_lora_backward(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
 def _(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight, need_d_base_input, base_is_x):
     d_base = (x.new_empty(x.shape[0], base_weight.shape[1]) if need_d_base_input and not base_is_x
               else x.new_empty(0))
-    return (torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B),
+    return (x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
             gates.new_empty(gates.shape, dtype=_gate_dtype(x)), d_base)
 
 

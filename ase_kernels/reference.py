@@ -26,14 +26,14 @@ def select_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     logits: (T, N - S). Returns (T, k) int64, best first.
     """
-    selected = []
+    selected = [logits.new_empty(logits.shape[0], 0, dtype=torch.int64)]  # k = 0: only shared experts
     z = logits.clone()
     for _ in range(k):
         # argmax returns the first maximal index, so ties resolve to the lower expert.
         best = z.argmax(dim=-1)  # (T,)
-        selected.append(best)
+        selected.append(best[:, None])
         z = z.scatter(-1, best[:, None], float("-inf"))
-    return torch.stack(selected, dim=-1)  # (T, k)
+    return torch.cat(selected, dim=-1)  # (T, k)
 
 
 def adaptive_gates(z_sparse: torch.Tensor, z_shared: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     d_u = d_u_gated * g
     d_x = d_u @ lora_A.reshape(n * rank, d_in).to(acc)
     d_a = (d_u.T @ x.to(acc)).view(n, rank, d_in)
-    d_b = (d_y.T @ (u * g * scale)).view(d_out, n, rank).permute(1, 0, 2)
+    d_b = (d_y.T @ (u * g * scale)).view(d_out, n, rank).permute(1, 0, 2).contiguous()
     per_expert = (u * d_u_gated).view(-1, n, rank).sum(2)  # (T, N)
     d_gates = per_expert.gather(1, indices)
     d_base_input = None

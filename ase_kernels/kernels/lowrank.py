@@ -311,7 +311,7 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     d_out = lora_B.shape[1]
     sa, sb = lora_A.stride(), lora_B.stride()
     d_u, ug, d_gates = _shrink(d_y, (sb[0], sb[2], sb[1]), lora_B, rank, n * rank, backward=(u, indices, gates, scale))
-    d_x = torch.empty_like(x)
+    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     base = (d_y, base_weight, base_weight.stride(1), base_weight.stride(0)) if fuse_base else None
     _expand(d_x, d_u, (sa[0], sa[1], sa[2]), lora_A, rank, 1.0, base=base)
     d_base_input = None

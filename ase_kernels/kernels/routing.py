@@ -112,10 +112,12 @@ def _route_fwd_kernel(
         gates = e / tl.sum(e, axis=1)[:, None]
     else:
         # softmax over all sparse logits, selected ones kept without renormalising; shared gates are 1 (Eq. 5)
-        z_sp = tl.where(sparse[None, :], z, float("-inf"))
-        m = tl.max(z_sp, axis=1)
-        denom = tl.sum(tl.exp(z_sp - m[:, None]), axis=1)
-        gates = tl.where(offs_j[None, :] < TOP_K, tl.exp(val - m[:, None]) / denom[:, None], 1.0)
+        gates = tl.full((BLOCK_T, BLOCK_KS), 1.0, dtype=tl.float32)
+        if TOP_K > 0:
+            z_sp = tl.where(sparse[None, :], z, float("-inf"))
+            m = tl.max(z_sp, axis=1)
+            denom = tl.sum(tl.exp(z_sp - m[:, None]), axis=1)
+            gates = tl.where(offs_j[None, :] < TOP_K, tl.exp(val - m[:, None]) / denom[:, None], gates)
 
     mask_out = mask_t[:, None] & (offs_j[None, :] < TOP_K + NUM_SHARED)
     tl.store(idx_ptr + offs_t[:, None] * stride_it + offs_j[None, :] * stride_ik, idx.to(tl.int64), mask=mask_out)
@@ -163,7 +165,7 @@ def _route_bwd_kernel(
             col = tl.sum(tl.where(offs_j[None, :] == j, idx, 0), axis=1)
             d_j = tl.sum(tl.where(offs_j[None, :] == j, d_active, 0.0), axis=1)
             dz += tl.where(offs_n[None, :] == col[:, None], d_j[:, None], 0.0)
-    else:
+    elif TOP_K > 0:
         # the selected gates are entries of softmax(z_sparse); the fixed shared gates carry no gradient
         p_sp = _softmax_rows(z, (offs_n < N - NUM_SHARED)[None, :])
         dp_sp = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -227,7 +229,7 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
     d_gates = d_gates.to(torch.float32)
     d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
     d_z = torch.empty(t, n, dtype=torch.float32, device=x.device)
-    d_x = torch.empty_like(x)
+    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _route_bwd_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
         x, router_weight, task_ids, indices, gates, d_gates, d_prob_sums, d_z, d_x,
         t, d, n, tasks,

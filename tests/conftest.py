@@ -1,0 +1,37 @@
+"""Shared fixtures: seeds, exact fp32 matmuls, and the backend under test.
+
+Without a GPU, the Triton kernels run under Triton's interpreter: TRITON_INTERPRET must be set before the
+first kernel is defined, so it is set here, at collection time.
+"""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_exact_fp32():
+    """Every test starts from the same seed, and fp32 matmuls are fp32 (no TF32) so tolerances mean what they say."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request, monkeypatch):
+    """Runs the test once per fast backend (the reference is what they are compared with)."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", request.param)
+    return request.param

@@ -1,0 +1,127 @@
+"""ase_kernels/modules.py: MoELoRALinear and ASEMlp, alone and inside a timm ViT."""
+
+import functools
+
+import pytest
+import timm
+import torch
+from conftest import DEVICE
+from helpers import assert_close
+from timm.layers import Mlp
+
+import ase_kernels as ak
+from ase_kernels import reference
+from ase_kernels.checks import Routing
+
+CONFIG = dict(num_experts=16, top_k=3, num_shared=1, rank=4)
+
+
+def _randomise_experts(module):
+    """B starts at zero; give it values so the experts contribute."""
+    for experts in module.modules():
+        if isinstance(experts, ak.LoRAExperts):
+            torch.nn.init.normal_(experts.B, std=0.2)
+    if hasattr(module, "router"):
+        torch.nn.init.normal_(module.router, std=0.3)
+
+
+@pytest.mark.parametrize("placement", ak.PLACEMENTS)
+def test_fresh_asemlp_equals_timm_mlp(backend, placement):
+    mlp = Mlp(24, 48).to(DEVICE)
+    ase = ak.ASEMlp(24, 48, placement=placement, num_tasks=2, **CONFIG).to(DEVICE)
+    missing, unexpected = ase.load_state_dict(mlp.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("router", "experts")) for k in missing)
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    assert_close("y", mlp(x), ase(x, torch.tensor([0, 1, 1], device=DEVICE)))
+
+
+def test_fresh_moe_lora_linear_equals_its_base(backend):
+    base = torch.nn.Linear(20, 30).to(DEVICE)
+    layer = ak.MoELoRALinear(base, num_tasks=3, **CONFIG)
+    x = torch.randn(2, 9, 20, device=DEVICE)
+    assert_close("y", base(x), layer(x, torch.tensor([2, 0], device=DEVICE)))
+    assert not base.weight.requires_grad, "the wrapped base layer must be frozen"
+
+
+def _reference_asemlp(mlp: ak.ASEMlp, x, ids):
+    """The ASE FFN written with the reference ops, one placement at a time."""
+    x64 = x.double()
+    w = {k: v.double() for k, v in mlp.state_dict().items()}
+    r = reference.route(x64, w["router"], ids, top_k=mlp.top_k, num_shared=mlp.num_shared, mode=mlp.mode)
+    r = Routing(r.indices, r.gates, r.prob_sums)
+
+    def experts(name, inp, base_inp, base):
+        return reference.moe_lora(inp, w[f"experts.{name}.A"], w[f"experts.{name}.B"], r, mlp.scale,
+                                  base_input=base_inp, base_weight=w[f"{base}.weight"], base_bias=w[f"{base}.bias"])
+
+    h = experts("fc1", x64, x64, "fc1") if "fc1" in mlp.experts else x64 @ w["fc1.weight"].T + w["fc1.bias"]
+    h = torch.nn.functional.gelu(h)
+    if "ffn" in mlp.experts:
+        return experts("ffn", x64, h, "fc2")
+    if "fc2" in mlp.experts:
+        return experts("fc2", h, h, "fc2")
+    return h @ w["fc2.weight"].T + w["fc2.bias"]
+
+
+@pytest.mark.parametrize("placement", ak.PLACEMENTS)
+@pytest.mark.parametrize("mode", ["adaptive", "naive"])
+def test_asemlp_matches_reference(backend, placement, mode):
+    ase = ak.ASEMlp(24, 40, placement=placement, mode=mode, num_tasks=2, alpha=8, **CONFIG).to(DEVICE)
+    _randomise_experts(ase)
+    x = torch.randn(2, 11, 24, device=DEVICE)
+    ids = torch.tensor([1, 0])
+    assert_close("y", _reference_asemlp(ase, x.cpu(), ids.repeat_interleave(11)), ase(x, ids.to(DEVICE)))
+
+
+def test_asemlp_trains_every_parameter(backend):
+    ase = ak.ASEMlp(16, 32, placement="fc1+fc2", num_tasks=2, **CONFIG).to(DEVICE)
+    _randomise_experts(ase)
+    ase.fc1.requires_grad_(False), ase.fc2.requires_grad_(False)
+    y = ase(torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE))
+    (y.square().mean() + 0.005 * ase.mi_loss()).backward()
+    for name, p in ase.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    assert ase.fc1.weight.grad is None and ase.fc2.weight.grad is None
+
+
+def test_timm_vit_with_ase_mlp_and_task_ids_context(backend):
+    mlp = functools.partial(ak.ASEMlp, num_tasks=2, **CONFIG)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, mlp_layer=mlp)
+    vit = vit.to(DEVICE)
+    assert sum(1 for _ in ak.ase_modules(vit)) == len(vit.blocks)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with ak.task_ids(vit, torch.tensor([0, 1], device=DEVICE)):
+        out = vit(images)
+    assert out.shape == (2, 192)
+    assert all(m._task_ids is None for m in ak.ase_modules(vit)), "the context must clear the ids"
+    with pytest.raises(ValueError, match="task_ids is required"):
+        vit(images)
+
+
+def test_routing_stats_of_a_fresh_router(backend):
+    """Zero routers: every token takes sparse experts 0..k-1 and the shared ones, adaptive gates 1/(k+S)."""
+    ase = ak.ASEMlp(16, 32, num_tasks=3, **CONFIG).to(DEVICE)
+    ase(torch.randn(4, 5, 16, device=DEVICE), torch.tensor([0, 0, 2, 2], device=DEVICE))
+    stats = ase.routing_stats()
+    k, s, n = CONFIG["top_k"], CONFIG["num_shared"], CONFIG["num_experts"]
+    expected_load = torch.zeros(n)
+    expected_load[:k] = 1
+    expected_load[n - s:] = 1
+    assert_close("load", torch.stack([expected_load, torch.zeros(n), expected_load]), stats["load"])
+    assert_close("shared_gate", torch.tensor([s / (k + s), 0.0, s / (k + s)]), stats["shared_gate"])
+
+
+def test_asemlp_under_torch_compile(backend):
+    ase = ak.ASEMlp(16, 32, placement="ffn", num_tasks=2, **CONFIG).to(DEVICE)
+    _randomise_experts(ase)
+    x = torch.randn(3, 4, 16, device=DEVICE)
+    ids = torch.tensor([0, 1, 1], device=DEVICE)
+    compiled = torch.compile(ase, fullgraph=True)
+    assert_close("y", ase(x, ids), compiled(x, ids))
+    assert compiled.last_prob_sums is not None
+
+
+def test_extra_repr_names_the_configuration():
+    text = repr(ak.ASEMlp(8, 16, num_experts=8, top_k=2, num_shared=1, rank=2, placement="fc1"))
+    assert "placement='fc1'" in text and "num_experts=8, top_k=2, num_shared=1, rank=2" in text
