@@ -86,7 +86,8 @@ def task_prob_sums(z: torch.Tensor, task_ids: torch.Tensor, tasks: int) -> torch
     return torch.stack(sums)  # (tasks, N)
 
 
-def moe_lora(x, lora_A, lora_B, routing: Routing, scale: float = 1.0, base_input=None, base_weight=None, base_bias=None):
+def moe_lora(x, lora_A, lora_B, routing: Routing, scale: float = 1.0, base_input=None, base_weight=None,
+             base_bias=None):
     """MoE-LoRA layer (Eq. 4 with the gates of Eq. 5 or 9): ``y = base(x) + scale * sum_i g_i B_i A_i x``.
 
     See :func:`ase_kernels.moe_lora` for the contract; this is its reference, one expert at a time.

@@ -41,7 +41,7 @@ def launch_config(kernel: str, x: torch.Tensor) -> dict:
     return (_INTERPRETER_CONFIGS if interpreting() or not x.is_cuda else _GPU_CONFIGS)[kernel]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

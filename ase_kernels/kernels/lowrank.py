@@ -95,7 +95,7 @@ def _shrink_kernel(
 
 
 def _expand_configs():
-    # Keyed on (O, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
+    # Keyed on (D_OUT, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
     if interpreting():
         return [triton.Config(dict(BLOCK_T=32, BLOCK_O=64, BLOCK_K=64), num_warps=1, num_stages=1)]
     configs = [
@@ -108,13 +108,13 @@ def _expand_configs():
     return configs[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else configs
 
 
-@triton.autotune(configs=_expand_configs(), key=["O", "K", "R", "HAS_BASE"])
+@triton.autotune(configs=_expand_configs(), key=["D_OUT", "K", "R", "HAS_BASE"])
 @triton.jit
 def _expand_kernel(
     # pointers
     p_ptr, q_ptr, bias_ptr, v_ptr, idx_ptr, gate_ptr, l_ptr, out_ptr,
     # sizes
-    T, O, K, R,
+    T, D_OUT, K, R,
     # strides
     stride_pt, stride_pk, stride_qo, stride_qk, stride_vt, stride_vc, stride_it, stride_ik, stride_gt, stride_gk,
     stride_ln, stride_lr, stride_lo, stride_ot, stride_oo,
@@ -132,7 +132,7 @@ def _expand_kernel(
     # grouped launch order (Triton tutorial 03): GROUP_T row blocks share each column block of Q in L2
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
-    num_o = tl.cdiv(O, BLOCK_O)
+    num_o = tl.cdiv(D_OUT, BLOCK_O)
     group = pid // (GROUP_T * num_o)
     first_t = group * GROUP_T
     group_size = min(num_t - first_t, GROUP_T)
@@ -142,7 +142,7 @@ def _expand_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_t = offs_t < T
-    mask_o = offs_o < O
+    mask_o = offs_o < D_OUT
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     if HAS_BASE:
         for k0 in range(0, K, BLOCK_K):
@@ -261,8 +261,8 @@ def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
     return out if backward is None else (out, ug, d_gates)
 
 
-def _expand(out, v, l_strides, l, rank, scale, gating=None, base=None, bias=None):
-    """out (T, O) = [base[0] @ Q^T] + bias + scale * (v [* g]) @ L_all^T; base = (P, Q, stride_qo, stride_qk)."""
+def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bias=None):
+    """out (T, D_OUT) = [P @ Q^T] + bias + scale * (v [* g]) @ L_all^T, with base = (P, Q, stride_qo, stride_qk)."""
     t, o = out.shape
     r_cols = v.shape[1]
     idx, gates = gating if gating is not None else (v, v)
@@ -273,9 +273,9 @@ def _expand(out, v, l_strides, l, rank, scale, gating=None, base=None, bias=None
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
 
     _expand_kernel[grid](
-        p, q, bias if bias is not None else v, v, idx, gates, l, out,
+        p, q, bias if bias is not None else v, v, idx, gates, lora, out,
         t, o, k, r_cols,
-        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *l_strides, *out.stride(),
+        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *lora_strides, *out.stride(),
         scale,
         RANK=rank, KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, GATED=gating is not None, PRECISION=dot_precision(out),
