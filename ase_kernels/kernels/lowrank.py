@@ -29,11 +29,11 @@ from .common import dot_precision, interpreting, launch_config, next_block, toke
 
 @triton.jit
 def _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
-                 RANK: tl.constexpr, KS: tl.constexpr):
+                 RANK: tl.constexpr, KS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
     """Gate of every rank column offs_c for tokens offs_t: (BLOCK_T, BLOCK_R) fp32, 0 for unselected experts.
     An index outside [0, N) matches no column, so it can neither read out of bounds nor add a gate."""
     expert = offs_c // RANK
-    g = tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    g = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for j in tl.static_range(KS):
         e_j = tl.load(idx_ptr + offs_t * stride_it + j * stride_ik, mask=mask_t, other=-1)
         g_j = tl.load(gate_ptr + offs_t * stride_gt + j * stride_gk, mask=mask_t, other=0.0).to(tl.float32)
@@ -81,7 +81,7 @@ def _shrink_kernel(
         tl.store(out_ptrs, acc, mask=mask_tc)
     else:
         g = _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
-                         RANK, KS)
+                         RANK, KS, BLOCK_T, BLOCK_R)
         du_g = acc * scale
         u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_c[None, :] * stride_uc, mask=mask_tc, other=0.0)
         tl.store(out_ptrs, du_g * g, mask=mask_tc)
@@ -160,7 +160,7 @@ def _expand_kernel(
                     mask=mask_t[:, None] & mask_c[None, :], other=0.0)
         if GATED:
             v *= _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
-                              RANK, KS)
+                              RANK, KS, BLOCK_T, BLOCK_R)
         w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
                     + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         acc = tl.dot(v * scale, w.to(tl.float32), acc, input_precision=PRECISION)

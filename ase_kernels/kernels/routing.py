@@ -26,13 +26,19 @@ MODE_NAIVE: tl.constexpr = 1  # also "none": the same gates with S = 0
 
 
 @triton.jit
-def _router_logits(
-    x_ptr, w_ptr, task, offs_t, mask_t, offs_n, mask_n,
-    D, NUM_TASKS,
-    stride_xt, stride_xd, stride_wt, stride_wn, stride_wd,
+def _block_logits(
+    x_ptr, w_ptr, task_ptr, pid,
+    T, D, N, NUM_TASKS,
+    stride_xt, stride_xd, stride_wt, stride_wn, stride_wd, stride_task,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """z[t, n] = sum_d x[t, d] W[task[t], n, d] for a block of tokens: (BLOCK_T, BLOCK_N) fp32."""
+    """Logits z[t, n] = sum_d x[t, d] W[task[t], n, d] of token block pid: (BLOCK_T, BLOCK_N) fp32, with the
+    block's offsets, masks and task ids (-1 past the last token)."""
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    task = tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1)
     z = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for tt in range(0, NUM_TASKS):
         of_task = task == tt
@@ -49,7 +55,7 @@ def _router_logits(
                             mask=mask_n[None, :] & mask_d[:, None], other=0.0)
                 acc = tl.dot(x, w, acc, input_precision=PRECISION)
             z = tl.where(of_task[:, None], acc, z)
-    return z
+    return offs_t, mask_t, offs_n, mask_n, task, z
 
 
 @triton.jit
@@ -73,14 +79,9 @@ def _route_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    task = tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1)
-    z = _router_logits(x_ptr, w_ptr, task, offs_t, mask_t, offs_n, mask_n, D, NUM_TASKS,
-                       stride_xt, stride_xd, stride_wt, stride_wn, stride_wd,
-                       BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
+    offs_t, mask_t, offs_n, mask_n, task, z = _block_logits(
+        x_ptr, w_ptr, task_ptr, pid, T, D, N, NUM_TASKS,
+        stride_xt, stride_xd, stride_wt, stride_wn, stride_wd, stride_task, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
 
     # Mod-Squad statistics: this block's per-task sums of the full softmax, reduced over blocks by the launcher
     # (a fixed-order sum instead of atomics keeps the result deterministic).
@@ -138,14 +139,9 @@ def _route_bwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    task = tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1)
-    z = _router_logits(x_ptr, w_ptr, task, offs_t, mask_t, offs_n, mask_n, D, NUM_TASKS,
-                       stride_xt, stride_xd, stride_wt, stride_wn, stride_wd,
-                       BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
+    offs_t, mask_t, offs_n, mask_n, task, z = _block_logits(
+        x_ptr, w_ptr, task_ptr, pid, T, D, N, NUM_TASKS,
+        stride_xt, stride_xd, stride_wt, stride_wn, stride_wd, stride_task, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
 
     # MI-loss sums: every token added softmax(z) to its task's row, so dz = p * (dP - <p, dP>)
     p = _softmax_rows(z, mask_n[None, :])
