@@ -21,8 +21,8 @@ import triton.language as tl
 from .common import dot_precision, launch_config, next_block
 from .lowrank import weight_grad
 
-MODE_ADAPTIVE: tl.constexpr = 0
-MODE_NAIVE: tl.constexpr = 1  # also "none": the same gates with S = 0
+MODE_ADAPTIVE = tl.constexpr(0)
+MODE_NAIVE = tl.constexpr(1)  # also "none": the same gates with S = 0
 
 
 @triton.jit
@@ -188,6 +188,10 @@ def _route_bwd_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
 
+def _mode(mode: str) -> int:
+    return MODE_ADAPTIVE.value if mode == "adaptive" else MODE_NAIVE.value
+
+
 def _meta(x: torch.Tensor, n: int, ks: int) -> dict:
     cfg = launch_config("route", x)
     return dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=next_block(n), BLOCK_KS=next_block(ks, 1),
@@ -211,7 +215,7 @@ def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str
         x, router_weight, task_ids, indices, gates, partial,
         t, d, n, tasks,
         x.stride(0), x.stride(1), *router_weight.stride(), task_ids.stride(0), *indices.stride(), *gates.stride(),
-        TOP_K=top_k, NUM_SHARED=num_shared, MODE=0 if mode == "adaptive" else 1, PRECISION=dot_precision(x),
+        TOP_K=top_k, NUM_SHARED=num_shared, MODE=_mode(mode), PRECISION=dot_precision(x),
         **meta,
     )
     return indices, gates, partial.sum(0)
@@ -231,7 +235,7 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
         t, d, n, tasks,
         x.stride(0), x.stride(1), *router_weight.stride(), task_ids.stride(0), *indices.stride(), *gates.stride(),
         *d_gates.stride(), *d_x.stride(),
-        TOP_K=top_k, NUM_SHARED=num_shared, MODE=0 if mode == "adaptive" else 1, PRECISION=dot_precision(x),
+        TOP_K=top_k, NUM_SHARED=num_shared, MODE=_mode(mode), PRECISION=dot_precision(x),
         **meta,
     )
     d_w = weight_grad(d_z, x, tasks=tasks, task_ids=task_ids)  # (tasks, N, d_in) fp32
