@@ -157,3 +157,24 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
     elif base_input is not None or base_bias is not None:
         raise ValueError("base_input and base_bias need base_weight")
     return x.reshape(-1, d_in), x.shape[:-1]
+
+
+def check_moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing):
+    """Validate the arguments of ``moe_lora_ffn``. Returns x as (T, d) and the leading shape of x."""
+    check_x(x)
+    _check_tensor("fc1_weight", fc1_weight, dim=2, dtype=x.dtype, device=x.device)
+    hidden, d = fc1_weight.shape
+    if d != x.shape[-1]:
+        raise ValueError(f"fc1_weight must have shape (hidden, {x.shape[-1]}), got {tuple(fc1_weight.shape)}")
+    _check_tensor("fc2_weight", fc2_weight, dim=2, dtype=x.dtype, device=x.device)
+    if fc2_weight.shape[1] != hidden:
+        raise ValueError(f"fc2_weight must have shape (d_out, {hidden}), got {tuple(fc2_weight.shape)}")
+    for name, bias, size in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
+        if bias is not None:
+            _check_tensor(name, bias, dim=1, dtype=x.dtype, device=x.device)
+            if bias.shape[0] != size:
+                raise ValueError(f"{name} must have shape ({size},), got {tuple(bias.shape)}")
+    if lora_B.dim() == 3 and lora_B.shape[1] != fc2_weight.shape[0]:
+        raise ValueError(f"lora_B must have shape (N, {fc2_weight.shape[0]}, r) to match fc2, got "
+                         f"{tuple(lora_B.shape)}")
+    return check_moe_lora(x, lora_A, lora_B, routing, None, None, None)

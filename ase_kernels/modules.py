@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .checks import MODES
-from .ops import mi_loss, moe_lora, route
+from .ops import mi_loss, moe_lora, moe_lora_ffn, route
 
 PLACEMENTS = ("ffn", "fc1", "fc2", "fc1+fc2")
 
@@ -186,6 +186,10 @@ class ASEMlp(_Routed):
         by :func:`task_ids`). Returns (..., out_features)."""
         routing = self._route(x, task_ids)
         experts = self.experts
+        if self._fused_ffn():
+            y = moe_lora_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, experts["ffn"].A,
+                             experts["ffn"].B, routing, self.scale)
+            return self.drop2(y)
         if "fc1" in experts:
             h = moe_lora(x, experts["fc1"].A, experts["fc1"].B, routing, self.scale, base_input=x,
                          base_weight=self.fc1.weight, base_bias=self.fc1.bias)
@@ -201,6 +205,12 @@ class ASEMlp(_Routed):
         else:
             y = self.fc2(h)
         return self.drop2(y)
+
+    def _fused_ffn(self) -> bool:
+        """The whole FFN is one op when nothing sits between fc1 and fc2 but an exact GELU: the default ViT."""
+        act = self.act
+        return (self.placement == "ffn" and type(act) is nn.GELU and act.approximate == "none"
+                and isinstance(self.norm, nn.Identity) and (self.drop1.p == 0 or not self.training))
 
     def extra_repr(self) -> str:
         return f"placement={self.placement!r}, {self._routing_repr()}"

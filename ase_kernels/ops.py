@@ -16,7 +16,7 @@ import types
 import torch
 
 from . import reference, torch_ops
-from .checks import Routing, check_moe_lora, check_route
+from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route
 from .kernels.common import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
@@ -47,7 +47,8 @@ def _impl(x: torch.Tensor) -> types.ModuleType | types.SimpleNamespace:
     from .kernels import lowrank, routing  # imported on first use: a CPU-only user never pays for Triton
 
     return types.SimpleNamespace(route_fwd=routing.route_fwd, route_bwd=routing.route_bwd,
-                                 moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd)
+                                 moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd,
+                                 moe_lora_ffn_fwd=lowrank.moe_lora_ffn_fwd, moe_lora_ffn_bwd=lowrank.moe_lora_ffn_bwd)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -277,6 +278,107 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
     base2 = None if base_input is None or same else base_input.reshape(-1, base_input.shape[-1])
     y, _ = _moe_lora(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
                      base_bias, same)
+    return y.reshape(*lead, d_out)
+
+
+# ----------------------------------------------------------------------------------------------- moe_lora_ffn
+
+
+@torch.library.custom_op("ase_kernels::moe_lora_ffn", mutates_args=())
+def _moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+                  fc2_bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
+                  gates: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _no_autocast(x):
+        return tuple(_impl(x).moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B,
+                                               indices, gates, scale))
+
+
+@_moe_lora_ffn.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale):
+    n, rank, _ = lora_A.shape
+    return (x.new_empty(x.shape[0], fc2_weight.shape[0]), x.new_empty(x.shape[0], n * rank, dtype=_gate_dtype(x)),
+            x.new_empty(x.shape[0], fc1_weight.shape[0]))
+
+
+@torch.library.custom_op("ase_kernels::moe_lora_ffn_backward", mutates_args=())
+def _moe_lora_ffn_backward(d_y: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+                           lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                           u: torch.Tensor, h_pre: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _no_autocast(x):
+        return tuple(_impl(x).moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u,
+                                               h_pre, scale))
+
+
+@_moe_lora_ffn_backward.register_fake
+def _(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale):
+    return (x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
+            gates.new_empty(gates.shape, dtype=_gate_dtype(x)), h_pre.new_empty(h_pre.shape))
+
+
+def _moe_lora_ffn_setup(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale = inputs
+    _, u, h_pre = output
+    ctx.mark_non_differentiable(u, h_pre)
+    # Saved: x, u (T, N * r) and h_pre = fc1(x) (T, hidden) for the GELU gradient, as an unfused FFN saves it;
+    # h = gelu(h_pre) is not saved: with fc2 frozen nothing needs it (recomputed if fc2 does train).
+    ctx.save_for_backward(x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre)
+    ctx.scale = scale
+    ctx.trains = tuple(t is not None and ctx.needs_input_grad[i] for i, t in
+                       ((1, fc1_weight), (2, fc1_bias), (3, fc2_weight), (4, fc2_bias)))
+
+
+def _moe_lora_ffn_grad(ctx, d_y, d_u, d_h_pre_out):
+    x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre = ctx.saved_tensors
+    d_x, d_a, d_b, d_g, d_h_pre = _moe_lora_ffn_backward(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices,
+                                                         gates, u, h_pre, ctx.scale)
+    w1, b1, w2, b2 = ctx.trains  # the frozen-base path leaves these None; kept for a user who trains fc1/fc2
+    d_w1 = d_h_pre.T @ x if w1 else None
+    d_b1 = d_h_pre.sum(0) if b1 else None
+    d_w2 = d_y.T @ torch.nn.functional.gelu(h_pre) if w2 else None
+    d_b2 = d_y.sum(0) if b2 else None
+    return d_x, d_w1, d_b1, d_w2, d_b2, d_a, d_b, None, d_g, None
+
+
+_moe_lora_ffn.register_autograd(_moe_lora_ffn_grad, setup_context=_moe_lora_ffn_setup)
+
+
+def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+                 fc2_bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, routing: Routing,
+                 scale: float = 1.0) -> torch.Tensor:
+    """The ASE FFN in one op: ``y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x`` (exact-erf GELU).
+
+    On the Triton backend this is three kernels forward (the rank shrink, fc1 with bias and GELU in its epilogue,
+    fc2 with the experts as a K-extension) and three GEMM-sized ones backward. The FFN weights are treated as
+    frozen (gradients only if they require them).
+
+    Args:
+        x: (..., d) float32, float16 or bfloat16.
+        fc1_weight: (hidden, d); fc1_bias: (hidden,) or None; fc2_weight: (d_out, hidden); fc2_bias: (d_out,) or
+            None; lora_A: (N, r, d); lora_B: (N, d_out, r); all in x's dtype.
+        routing: the :class:`Routing` of these tokens. scale: alpha / r.
+
+    Returns:
+        y: (..., d_out) in x's dtype.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> x = torch.randn(10, 16)
+        >>> r = ak.route(x, torch.randn(1, 8, 16), top_k=2, num_shared=1)
+        >>> w1, w2 = torch.randn(64, 16), torch.randn(16, 64)
+        >>> ak.moe_lora_ffn(x, w1, None, w2, None, torch.randn(8, 2, 16), torch.randn(8, 16, 2), r).shape
+        torch.Size([10, 16])
+    """
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B = _autocast(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B)
+    x2, lead = check_moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing)
+    if backend(x) == "reference":
+        return reference.moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing, scale)
+    d_out = fc2_weight.shape[0]
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, d_out)
+    y, _, _ = _moe_lora_ffn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing.indices,
+                            routing.gates, float(scale))
     return y.reshape(*lead, d_out)
 
 

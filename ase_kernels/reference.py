@@ -107,6 +107,13 @@ def moe_lora(x, lora_A, lora_B, routing: Routing, scale: float = 1.0, base_input
     return y.to(x.dtype).reshape(*lead, d_out)
 
 
+def moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing: Routing,
+                 scale: float = 1.0):
+    """The ASE FFN (Eq. 10): ``y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x``, experts on the FFN input."""
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1_weight, fc1_bias))
+    return moe_lora(x, lora_A, lora_B, routing, scale, base_input=h, base_weight=fc2_weight, base_bias=fc2_bias)
+
+
 def mi_loss(prob_sums: torch.Tensor) -> torch.Tensor:
     """Mod-Squad mutual-information loss of one layer: ``-sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``.
 

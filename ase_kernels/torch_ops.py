@@ -132,3 +132,21 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     if need_d_base_input:
         d_base_input = (d_y @ base_weight.to(acc)).to(x.dtype)
     return d_x.to(x.dtype), d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_base_input
+
+
+def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
+    """y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x. Returns y, u (T, N * r) and h_pre = fc1(x)."""
+    h_pre = torch.nn.functional.linear(x, fc1_weight, fc1_bias)
+    h = torch.nn.functional.gelu(h_pre)
+    y, u = moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale, h, fc2_weight, fc2_bias)
+    return y, u, h_pre
+
+
+def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale: float):
+    """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates and d_h_pre."""
+    d_x, d_a, d_b, d_gates, d_h = moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, fc2_weight, True)
+    a = h_pre.to(u.dtype)
+    gelu_grad = 0.5 * (1 + torch.erf(a * 0.5**0.5)) + a * torch.exp(-0.5 * a * a) * (2 * torch.pi) ** -0.5
+    d_h_pre = (d_h.to(u.dtype) * gelu_grad).to(x.dtype)
+    d_x = (d_x.to(u.dtype) + d_h_pre.to(u.dtype) @ fc1_weight.to(u.dtype)).to(x.dtype)
+    return d_x, d_a, d_b, d_gates, d_h_pre

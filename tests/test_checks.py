@@ -110,3 +110,27 @@ def test_task_ids_are_checked_again_after_an_in_place_change(any_backend):
     ids[0] = 5  # same tensor, new version: the cached check must not hide this
     with pytest.raises(ValueError, match="task_ids must lie in"):
         ak.route(x, w, ids, top_k=2, num_shared=1)
+
+
+def _ffn_args(d=8, hidden=20, d_out=5):
+    x, a, b, routing = _moe_args(d_in=d, d_out=d_out)
+    w1, b1 = torch.randn(hidden, d, device=DEVICE), torch.randn(hidden, device=DEVICE)
+    w2, b2 = torch.randn(d_out, hidden, device=DEVICE), torch.randn(d_out, device=DEVICE)
+    return [x, w1, b1, w2, b2, a, b, routing]
+
+
+FFN_CASES = [
+    pytest.param(1, lambda w1: w1[:, :7], ValueError, r"fc1_weight must have shape \(hidden, 8\)", id="fc1-d"),
+    pytest.param(3, lambda w2: w2[:, :19], ValueError, r"fc2_weight must have shape \(d_out, 20\)", id="fc2-hidden"),
+    pytest.param(2, lambda b1: b1[:3], ValueError, r"fc1_bias must have shape \(20,\)", id="fc1-bias"),
+    pytest.param(3, lambda w2: w2.double(), TypeError, "fc2_weight must have dtype", id="fc2-dtype"),
+    pytest.param(6, lambda b: b[:, :4], ValueError, r"lora_B must have shape \(N, 5, r\) to match fc2", id="B-d_out"),
+]
+
+
+@pytest.mark.parametrize("position,change,error,match", FFN_CASES)
+def test_moe_lora_ffn_rejects_bad_input(any_backend, position, change, error, match):
+    args = _ffn_args()
+    args[position] = change(args[position])
+    with pytest.raises(error, match=match):
+        ak.moe_lora_ffn(*args)

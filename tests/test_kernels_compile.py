@@ -49,10 +49,13 @@ def compile_all(target: int, dtype: str, all_configs: bool) -> list[str]:
     for backward in (False, True):
         done.append(_compile(lowrank._shrink_kernel, dtype, dict(RANK=2, KS=8, BACKWARD=backward, PRECISION=precision,
                                                                  BLOCK_T=64, BLOCK_K=64, BLOCK_R=64), target))
-    for has_base, gated in ((True, True), (False, False)):
+    # (base GEMM, gates, epilogue): the fused Linear, the experts-only dx, fc1 + GELU, fc2's dx with GELU's gradient
+    variants = ((True, True, "none"), (False, False, "none"), (True, False, "gelu"), (True, False, "gelu_grad"))
+    for has_base, gated, act in variants:
         for config in lowrank._expand_kernel.configs[: None if all_configs else 1]:
             constexprs = dict(RANK=2, KS=8, HAS_BASE=has_base, HAS_BIAS=has_base, GATED=gated, PRECISION=precision,
-                              BLOCK_R=64, GROUP_T=8, **config.kwargs)
+                              ACTIVATION=lowrank._ACTIVATIONS[None if act == "none" else act], BLOCK_R=64, GROUP_T=8,
+                              **config.kwargs)
             done.append(_compile(lowrank._expand_kernel.fn, dtype, constexprs, target, num_warps=config.num_warps,
                                  num_stages=config.num_stages))
     for has_tasks in (False, True):
@@ -74,7 +77,7 @@ def test_every_kernel_compiles(target, dtype, all_configs):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"compile for sm_{target} {dtype} failed:\n{proc.stderr[-4000:]}"
     compiled = proc.stdout.split()
-    assert len(compiled) == 4 + 2 + 2 * (5 if all_configs else 1) + 2, f"unexpected kernel count: {compiled}"
+    assert len(compiled) == 4 + 2 + 4 * (5 if all_configs else 1) + 2, f"unexpected kernel count: {compiled}"
 
 
 if __name__ == "__main__":

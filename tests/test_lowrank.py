@@ -108,3 +108,43 @@ def test_moe_lora_large_rank_columns(backend):
 
 def test_next_block_keeps_tiles_at_least_16():
     assert [next_block(n) for n in (1, 2, 16, 17, 64, 65)] == [16, 16, 16, 32, 64, 128]
+
+
+def check_moe_lora_ffn(tokens, d, hidden, d_out, config, dtype, train_fc=False):
+    """moe_lora_ffn (fc1 + GELU + fc2 + experts on the FFN input) against the reference, forward and gradients."""
+    n, k, s, r = config
+    routing = routing_for(tokens, n, k, s)
+    x, a, b = torch.randn(tokens, d), torch.randn(n, r, d) * 0.3, torch.randn(n, d_out, r) * 0.3
+    fc = [torch.randn(hidden, d) * d**-0.5, torch.randn(hidden), torch.randn(d_out, hidden) * hidden**-0.5,
+          torch.randn(d_out)]
+    t = [leaf(v, dtype, DEVICE) for v in (x, a, b)]
+    fc_t = [leaf(v, dtype, DEVICE).requires_grad_(train_fc) for v in fc]
+    g_t = leaf(routing.gates, torch.float32, DEVICE)
+    ref = [leaf(v, torch.float64, "cpu") for v in t]
+    fc_r = [leaf(v, torch.float64, "cpu") for v in fc_t]
+    g_r = leaf(g_t, torch.float64, "cpu")
+    y = ak.moe_lora_ffn(t[0], *fc_t, t[1], t[2], Routing(routing.indices.to(DEVICE), g_t, routing.prob_sums), 1.5)
+    y_r = reference.moe_lora_ffn(ref[0], *fc_r, ref[1], ref[2], Routing(routing.indices, g_r, routing.prob_sums), 1.5)
+    assert_close("y", y_r, y, dtype)
+    d_y = torch.randn_like(y_r)
+    (y_r * d_y).sum().backward()
+    (y * d_y.to(DEVICE, dtype)).sum().backward()
+    for name, want, got in zip(["dx", "dA", "dB"], ref, t, strict=True):
+        assert_close(name, want.grad, got.grad, dtype)
+    assert_close("d_gates", g_r.grad, g_t.grad, dtype)
+    for name, want, got in zip(["d_fc1_weight", "d_fc1_bias", "d_fc2_weight", "d_fc2_bias"], fc_r, fc_t, strict=True):
+        if train_fc:
+            assert_close(name, want.grad, got.grad, dtype)
+        else:
+            assert got.grad is None, f"{name}: a frozen weight got a gradient"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_lora_ffn_matches_reference(backend, config, dtype):
+    check_moe_lora_ffn(37, 24, 96, 24, config, dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 33, 130], ids=lambda t: f"T{t}")
+def test_moe_lora_ffn_token_counts_and_trainable_fc(backend, tokens):
+    check_moe_lora_ffn(tokens, 20, 72, 28, (32, 6, 2, 2), torch.float32, train_fc=True)

@@ -125,3 +125,27 @@ def test_asemlp_under_torch_compile(backend):
 def test_extra_repr_names_the_configuration():
     text = repr(ak.ASEMlp(8, 16, num_experts=8, top_k=2, num_shared=1, rank=2, placement="fc1"))
     assert "placement='fc1'" in text and "num_experts=8, top_k=2, num_shared=1, rank=2" in text
+
+
+@pytest.mark.parametrize("variant", ["gelu-tanh", "dropout-training", "norm"])
+def test_asemlp_unfused_ffn_paths_match_the_fused_one(backend, variant):
+    """Anything between fc1 and fc2 other than an exact GELU takes the unfused path; with that thing neutral
+    (a tanh GELU, dropout while training, a norm) the output must equal the composition of the public ops."""
+    kwargs = dict(num_tasks=2, **CONFIG)
+    if variant == "gelu-tanh":
+        kwargs["act_layer"] = functools.partial(torch.nn.GELU, approximate="tanh")
+    elif variant == "norm":
+        kwargs["norm_layer"] = torch.nn.LayerNorm
+    else:
+        kwargs["drop"] = (0.5, 0.0)  # dropout between fc1 and fc2 only
+    ase = ak.ASEMlp(16, 32, **kwargs).to(DEVICE)
+    _randomise_experts(ase)
+    assert not ase._fused_ffn()
+    x, ids = torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    routing = ak.route(x, ase.router, ids, top_k=ase.top_k, num_shared=ase.num_shared)
+    torch.manual_seed(1)
+    h = ase.norm(ase.drop1(ase.act(ase.fc1(x))))
+    want = ak.moe_lora(x, ase.experts["ffn"].A, ase.experts["ffn"].B, routing, ase.scale, base_input=h,
+                       base_weight=ase.fc2.weight, base_bias=ase.fc2.bias)
+    torch.manual_seed(1)
+    assert_close("y", want, ase(x, ids))

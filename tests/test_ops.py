@@ -68,6 +68,11 @@ def test_opcheck_route_and_moe_lora(backend):
     w_x = torch.randn(12, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.ase_kernels.moe_lora.default,
                           (x, a, b, routing.indices, gates, 1.5, None, w_x, None, True))
+    w1, b1 = torch.randn(40, 16, device=DEVICE), torch.randn(40, device=DEVICE)
+    w2, b2 = torch.randn(12, 40, device=DEVICE), torch.randn(12, device=DEVICE)
+    for biases in [(b1, b2), (None, None)]:
+        torch.library.opcheck(torch.ops.ase_kernels.moe_lora_ffn.default,
+                              (x, w1, biases[0], w2, biases[1], a, b, routing.indices, gates, 0.5))
 
 
 @pytest.mark.parametrize("mode,s", [("adaptive", 1), ("naive", 1), ("none", 0)])

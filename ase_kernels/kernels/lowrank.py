@@ -16,6 +16,10 @@ Backward (W0 is frozen: no dW0, no saved base_input)::
     d_gates[t, j] = sum_{c in expert j} u * du_g       #   the gate gradients and ug = scale * u * g
     dx = d_u @ A_all (+ dy @ W0 when x is base_input)  # expand
     dA = d_u^T x;  dB = dy^T ug                        # weight_grad: token reductions cut into splits
+
+The ASE FFN (experts on the FFN input, added to its output) fuses further: fc1's bias and GELU ride in its GEMM's
+epilogue, and in backward the GELU gradient rides in fc2's input-gradient GEMM while the experts' input gradient
+is a K-extension of fc1's (moe_lora_ffn_fwd / moe_lora_ffn_bwd).
 """
 
 import os
@@ -94,6 +98,24 @@ def _shrink_kernel(
             tl.store(dgate_ptr + offs_t * stride_dgt + j * stride_dgk, d_j, mask=mask_t)
 
 
+ACT_NONE = tl.constexpr(0)
+ACT_GELU = tl.constexpr(1)
+ACT_GELU_GRAD = tl.constexpr(2)
+_ACTIVATIONS = {None: ACT_NONE.value, "gelu": ACT_GELU.value, "gelu_grad": ACT_GELU_GRAD.value}
+
+
+@triton.jit
+def _gelu(a):
+    """Exact (erf) GELU, timm's and nn.GELU's default."""
+    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(a):
+    """d gelu(a) / da = Phi(a) + a phi(a)."""
+    return 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+
+
 def _expand_configs():
     # Keyed on (D_OUT, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
     if interpreting():
@@ -112,7 +134,7 @@ def _expand_configs():
 @triton.jit
 def _expand_kernel(
     # pointers
-    p_ptr, q_ptr, bias_ptr, v_ptr, idx_ptr, gate_ptr, l_ptr, out_ptr,
+    p_ptr, q_ptr, bias_ptr, v_ptr, idx_ptr, gate_ptr, l_ptr, pre_ptr, out_ptr,
     # sizes
     T, D_OUT, K, R,
     # strides
@@ -121,13 +143,16 @@ def _expand_kernel(
     scale,
     # meta
     RANK: tl.constexpr, KS: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
+    ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
 ):
-    """out[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + scale * sum_c V[t, c] g[t, c] L[c // r, c % r, o].
+    """a[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + scale * sum_c V[t, c] g[t, c] L[c // r, c % r, o], then
+    out = a (ACT_NONE), out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD).
 
     The expert sum is a K-extension of R columns after the base GEMM, so a frozen Linear plus its experts is one
     pass over the output tile. V is fp32 and L is upcast: the extension runs in tf32 (16-bit inputs) or ieee.
+    The GELU epilogues spare the FFN a separate elementwise pass over its (T, 4d) hidden activations.
+    pre has out's shape and strides.
     """
     # grouped launch order (Triton tutorial 03): GROUP_T row blocks share each column block of Q in L2
     pid = tl.program_id(0)
@@ -166,8 +191,15 @@ def _expand_kernel(
         acc = tl.dot(v * scale, w.to(tl.float32), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_o[None, :] * stride_oo, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_t[:, None] & mask_o[None, :])
+    mask_to = mask_t[:, None] & mask_o[None, :]
+    tile = offs_t[:, None] * stride_ot + offs_o[None, :] * stride_oo
+    if ACTIVATION == ACT_GELU:
+        pre = acc.to(pre_ptr.dtype.element_ty)
+        tl.store(pre_ptr + tile, pre, mask=mask_to)
+        acc = _gelu(pre.to(tl.float32))  # from the stored (rounded) value, as an unfused GELU would see it
+    elif ACTIVATION == ACT_GELU_GRAD:
+        acc *= _gelu_grad(tl.load(pre_ptr + tile, mask=mask_to, other=0.0).to(tl.float32))
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask_to)
 
 
 @triton.jit
@@ -261,8 +293,9 @@ def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
     return out if backward is None else (out, ug, d_gates)
 
 
-def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bias=None):
-    """out (T, D_OUT) = [P @ Q^T] + bias + scale * (v [* g]) @ L_all^T, with base = (P, Q, stride_qo, stride_qk)."""
+def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bias=None, act=None, pre=None):
+    """out (T, D_OUT) = act([P @ Q^T] + bias + scale * (v [* g]) @ L_all^T), with base = (P, Q, stride_qo,
+    stride_qk); act None, "gelu" (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
     t, o = out.shape
     r_cols = v.shape[1]
     idx, gates = gating if gating is not None else (v, v)
@@ -273,12 +306,13 @@ def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bia
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
 
     _expand_kernel[grid](
-        p, q, bias if bias is not None else v, v, idx, gates, lora, out,
+        p, q, bias if bias is not None else v, v, idx, gates, lora, pre if pre is not None else out, out,
         t, o, k, r_cols,
         *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *lora_strides, *out.stride(),
         scale,
         RANK=rank, KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None, GATED=gating is not None, PRECISION=dot_precision(out),
+        HAS_BIAS=bias is not None, GATED=gating is not None, ACTIVATION=_ACTIVATIONS[act],
+        PRECISION=dot_precision(out),
         BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
     )
     return out
@@ -320,3 +354,43 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     d_a = weight_grad(d_u, x).view(n, rank, d_in)
     d_b = weight_grad(ug, d_y).view(n, rank, d_out).permute(0, 2, 1).contiguous()
     return d_x, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_base_input
+
+
+def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
+    """The ASE FFN with experts on its input: y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x.
+
+    x: (T, d); fc1_weight: (hidden, d); fc2_weight: (d_out, hidden); biases or None; lora_A: (N, r, d);
+    lora_B: (N, d_out, r). Returns y (T, d_out), u (T, N * r) fp32 and h_pre = fc1(x) (T, hidden), saved for the
+    GELU gradient. Three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts.
+    """
+    n, rank, _ = lora_A.shape
+    sa, sb = lora_A.stride(), lora_B.stride()
+    u = _shrink(x, (sa[0], sa[1], sa[2]), lora_A, rank, n * rank)
+    hidden = fc1_weight.shape[0]
+    h_pre = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(h_pre)
+    _expand(h, u[:, :0], sa, lora_A, rank, 1.0, base=(x, fc1_weight, *fc1_weight.stride()), bias=fc1_bias,
+            act="gelu", pre=h_pre)
+    y = torch.empty(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
+    _expand(y, u, (sb[0], sb[2], sb[1]), lora_B, rank, scale, gating=(indices, gates),
+            base=(h, fc2_weight, *fc2_weight.stride()), bias=fc2_bias)
+    return y, u, h_pre
+
+
+def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale: float):
+    """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates, and d_h_pre (T, hidden)
+    for the caller that trains fc1. d_x = (d_y W2 * gelu'(h_pre)) W1 + d_u A_all: the experts' input gradient rides
+    in fc1's backward GEMM as a K-extension."""
+    n, rank, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    sa, sb = lora_A.stride(), lora_B.stride()
+    d_u, ug, d_gates = _shrink(d_y, (sb[0], sb[2], sb[1]), lora_B, rank, n * rank, backward=(u, indices, gates, scale))
+    d_h_pre = torch.empty_like(h_pre)
+    _expand(d_h_pre, d_u[:, :0], sa, lora_A, rank, 1.0, base=(d_y, fc2_weight, fc2_weight.stride(1),
+                                                               fc2_weight.stride(0)), act="gelu_grad", pre=h_pre)
+    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _expand(d_x, d_u, (sa[0], sa[1], sa[2]), lora_A, rank, 1.0,
+            base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
+    d_a = weight_grad(d_u, x).view(n, rank, d_in)
+    d_b = weight_grad(ug, d_y).view(n, rank, d_out).permute(0, 2, 1).contiguous()
+    return d_x, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_h_pre
