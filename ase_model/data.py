@@ -1,0 +1,202 @@
+"""PASCAL-Context multi-task data (the PASCAL_MT layout of the multi-task dense-prediction code bases).
+
+Layout under ``root``::
+
+    JPEGImages/{id}.jpg                      RGB image
+    ImageSets/Context/{train,val}.txt        image ids, one per line
+    semseg/pascal-context/{id}.png           21-class labels (or semseg/VOC12/{id}.png), 255 = ignore
+    human_parts/{id}.mat                     PASCAL-Part annotation ('anno' struct: objects -> parts)
+    normals_distill/{id}.png                 RGB-encoded surface normals, n = 2 p / 255 - 1
+    sal_distill/{id}.png                     saliency, foreground where p / 255 > 0.5
+    pascal-context/trainval/{id}.mat         context label map ('LabelMap'): edges are its Laplacian's support
+
+Every sample is a dict of tensors: ``image (3, S, S)`` normalised float32, ``semseg (S, S)`` int64,
+``human_parts (S, S)`` int64, ``sal (S, S)`` float32 in {0, 1, 255}, ``normals (3, S, S)`` float32 (255 where
+invalid), ``edge (S, S)`` float32 in {0, 1, 255}, and ``index``. 255 marks pixels no loss or metric counts.
+"""
+
+import os
+
+import numpy as np
+import scipy.io
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
+NUM_OUTPUTS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
+IGNORE = 255
+PERSON = "person"
+# PASCAL-Part person parts -> 6 coarse parts (0 is background): head, torso, upper arm, lower arm, upper leg,
+# lower leg, as the multi-task PASCAL-Context benchmark defines them.
+PART_MAP = {
+    "head": 1, "hair": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1, "nose": 1,
+    "mouth": 1, "torso": 2, "neck": 2, "luarm": 3, "ruarm": 3, "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
+    "luleg": 5, "ruleg": 5, "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
+}
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing or unreadable; the message names it."""
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except FileNotFoundError as e:
+        raise DataError(f"missing file: {path}") from e
+    except Exception as e:  # PIL raises several types for a truncated or foreign file
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def _loadmat(path: str) -> dict:
+    try:
+        return scipy.io.loadmat(path)
+    except FileNotFoundError as e:
+        raise DataError(f"missing file: {path}") from e
+    except Exception as e:
+        raise DataError(f"cannot read .mat file {path}: {e}") from e
+
+
+def decode_human_parts(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Parts label map (H, W) uint8 from a PASCAL-Part .mat: every person's parts mapped by PART_MAP, 0 elsewhere.
+    An image without an annotated person is all IGNORE: nothing says where its parts would be."""
+    label = np.zeros(shape, dtype=np.uint8)
+    found = False
+    anno = _loadmat(path).get("anno")
+    if anno is None:
+        raise DataError(f"{path}: no 'anno' struct")
+    objects = anno[0, 0]["objects"]
+    for obj in objects.reshape(-1):
+        if str(np.asarray(obj["class"]).reshape(-1)[0]) != PERSON:
+            continue
+        parts = obj["parts"]
+        for part in parts.reshape(-1):
+            name = str(np.asarray(part["part_name"]).reshape(-1)[0])
+            mask = np.asarray(part["mask"]).astype(bool)
+            if mask.shape != shape:
+                raise DataError(f"{path}: part mask {mask.shape} does not match the image {shape}")
+            label[mask] = PART_MAP.get(name, 0)
+            found = True
+    return label if found else np.full(shape, IGNORE, dtype=np.uint8)
+
+
+def edges_from_context(label_map: np.ndarray) -> np.ndarray:
+    """Edge map (H, W) uint8: 1 where the Laplacian of the context label map is non-zero (class boundaries)."""
+    return (scipy.ndimage.laplace(label_map.astype(np.float64)) != 0).astype(np.uint8)
+
+
+class PascalContextMT(Dataset):
+    """The five PASCAL-Context tasks of one split, augmented (train) or resized (eval) to ``img_size``.
+
+    normals_valid_classes: context classes whose normals count (None: all); other pixels get IGNORE, as the
+    distilled normals are only meaningful on those surfaces.
+    """
+
+    def __init__(self, root: str, split: str = "train", img_size: int = 224, train: bool | None = None,
+                 seed: int = 0, normals_valid_classes=None, scale_range=(0.75, 1.25)):
+        self.root, self.split, self.img_size = root, split, img_size
+        self.train = split == "train" if train is None else train
+        self.seed, self.epoch, self.scale_range = seed, 0, scale_range
+        self.normals_valid = None if normals_valid_classes is None else np.asarray(sorted(normals_valid_classes))
+        ids_file = os.path.join(root, "ImageSets", "Context", f"{split}.txt")
+        try:
+            with open(ids_file) as f:
+                self.ids = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError as e:
+            raise DataError(f"missing file: {ids_file} (is {root} a PASCAL_MT dataset root?)") from e
+        if not self.ids:
+            raise DataError(f"{ids_file} lists no images")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation is a function of (seed, epoch, index): reproducible across workers and resumes."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        """The decoded labels of one image at full resolution (numpy, before any resize)."""
+        i = self.ids[index]
+        image = np.asarray(_open(self._path("JPEGImages", f"{i}.jpg")).convert("RGB"))
+        shape = image.shape[:2]
+        semseg_path = self._path("semseg", "pascal-context", f"{i}.png")
+        if not os.path.exists(semseg_path):
+            semseg_path = self._path("semseg", "VOC12", f"{i}.png")
+        semseg = np.asarray(_open(semseg_path))
+        context = _loadmat(self._path("pascal-context", "trainval", f"{i}.mat")).get("LabelMap")
+        if context is None:
+            raise DataError(f"{self._path('pascal-context', 'trainval', f'{i}.mat')}: no 'LabelMap'")
+        normals = np.asarray(_open(self._path("normals_distill", f"{i}.png")).convert("RGB")).astype(np.float32)
+        normals = 2.0 * normals / 255.0 - 1.0
+        if self.normals_valid is not None:
+            normals[~np.isin(context, self.normals_valid)] = IGNORE
+        sal = (np.asarray(_open(self._path("sal_distill", f"{i}.png")).convert("L")) / 255.0 > 0.5).astype(np.uint8)
+        parts = decode_human_parts(self._path("human_parts", f"{i}.mat"), shape)
+        out = dict(image=image, semseg=semseg, human_parts=parts, sal=sal, normals=normals,
+                   edge=edges_from_context(context))
+        for name, value in out.items():
+            if value.shape[:2] != shape:
+                raise DataError(f"image {i}: {name} has shape {value.shape[:2]}, the image {shape}")
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        raw = self.load(index)
+        image = torch.from_numpy((raw["image"].astype(np.float32) / 255.0 - MEAN) / STD).permute(2, 0, 1)
+        labels = {k: torch.from_numpy(np.array(raw[k], dtype=np.float32)) for k in TASKS if k != "normals"}
+        normals = torch.from_numpy(raw["normals"]).permute(2, 0, 1)
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, labels, normals = _augment(image, labels, normals, self.img_size, rng, self.scale_range)
+        else:
+            image, labels, normals = _resize(image, labels, normals, (self.img_size, self.img_size))
+        sample = {"image": image, "normals": normals, "index": torch.tensor(index)}
+        for k, v in labels.items():
+            sample[k] = v.long() if k in ("semseg", "human_parts") else v
+        return sample
+
+
+def _resize(image, labels, normals, size):
+    """Bilinear for the image and the normals (renormalised), nearest for label maps; invalid normals stay
+    invalid."""
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    labels = {k: F.interpolate(v[None, None], size=size, mode="nearest")[0, 0] for k, v in labels.items()}
+    invalid = F.interpolate((normals[:1] == IGNORE).float()[None], size=size, mode="nearest")[0, 0] > 0
+    normals = F.interpolate(torch.where(normals == IGNORE, 0.0, normals)[None], size=size, mode="bilinear",
+                            align_corners=False)[0]
+    normals = normals / normals.norm(dim=0, keepdim=True).clamp_min(1e-6)
+    normals[:, invalid] = IGNORE
+    return image, labels, normals
+
+
+def _augment(image, labels, normals, size, rng, scale_range):
+    """Random scale, random crop (padded with IGNORE), horizontal flip (which mirrors the normals' x)."""
+    h, w = image.shape[1:]
+    scale = rng.uniform(*scale_range) * size / min(h, w)
+    image, labels, normals = _resize(image, labels, normals, (max(1, round(h * scale)), max(1, round(w * scale))))
+    h, w = image.shape[1:]
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+        labels = {k: F.pad(v, (0, pw, 0, ph), value=IGNORE) for k, v in labels.items()}
+        normals = F.pad(normals, (0, pw, 0, ph), value=IGNORE)
+        h, w = image.shape[1:]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    crop = (slice(top, top + size), slice(left, left + size))
+    image, normals = image[:, crop[0], crop[1]], normals[:, crop[0], crop[1]]
+    labels = {k: v[crop] for k, v in labels.items()}
+    if rng.random() < 0.5:
+        image, normals = image.flip(-1), normals.flip(-1).clone()
+        labels = {k: v.flip(-1) for k, v in labels.items()}
+        valid = normals[0] != IGNORE
+        normals[0, valid] = -normals[0, valid]
+    return image.contiguous(), {k: v.contiguous() for k, v in labels.items()}, normals.contiguous()
