@@ -91,6 +91,10 @@ def _draw(rng, size):
         normal[2] = abs(normal[2]) + 0.5
         normals[mask] = normal / np.linalg.norm(normal)
         objects.append(dict(cls=cls, mask=mask, parts=parts))
+    for obj in objects:  # later shapes occlude earlier ones: keep only what is still visible
+        visible = semseg == obj["cls"]
+        obj["mask"] = obj["mask"] & visible
+        obj["parts"] = {name: m & visible for name, m in obj["parts"].items()}
     context = semseg.astype(np.uint16) * 2  # a different id space, same boundaries
     saliency = (semseg > 0).astype(np.uint8) * 255
     return image.astype(np.uint8), semseg, context, saliency, normals, objects

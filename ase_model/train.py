@@ -219,8 +219,9 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(self.train_set)} train images")
         self.total_steps = self.steps_per_epoch * args.epochs
-        if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
+        # --max-steps stops the loop early but does not change the schedule: a run stopped there and resumed
+        # is the run that never stopped
+        self.stop_at = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args, self.total_steps))
         self.amp = args.amp == "bf16" or (args.amp == "auto" and self.device.type == "cuda")
         self.step, self.epoch, self.step_in_epoch, self.best = 0, 0, 0, -math.inf
@@ -314,7 +315,7 @@ class Trainer:
             else:
                 self.log(f"--resume: no {path} yet, starting fresh")
         results = {}
-        while self.epoch < args.epochs and self.step < self.total_steps:
+        while self.epoch < args.epochs and self.step < self.stop_at:
             self.model.train()
             sums, count, t0 = {}, 0, time.perf_counter()
             loader = self.batches(self.epoch, self.step_in_epoch)
@@ -332,7 +333,7 @@ class Trainer:
                     self.writer.add_scalar("train/loss", stats["loss"], self.step)
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
                     self.checkpoint("last.pt")
-                if self.step >= self.total_steps:
+                if self.step >= self.stop_at:
                     break
             epoch_done = self.step_in_epoch >= self.steps_per_epoch
             record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],

@@ -1,0 +1,146 @@
+"""ase_model/data.py and ase_model/synthetic.py: every label type decoded as the PASCAL_MT layout defines it."""
+
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from ase_model.data import IGNORE, DataError, PascalContextMT, decode_human_parts, edges_from_context
+from ase_model.synthetic import PERSON_CLASS, _struct_array, make_synthetic_pascal
+
+
+def _write_sample(root, image_id="2008_000001", size=8):
+    """One hand-made 8x8 sample with known labels in every file of the layout."""
+    for sub in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "human_parts", "normals_distill",
+                "sal_distill", "pascal-context/trainval"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(f"{root}/JPEGImages/{image_id}.jpg")
+    semseg = np.zeros((size, size), np.uint8)
+    semseg[2:6, 2:6] = PERSON_CLASS
+    semseg[0, 0] = IGNORE
+    Image.fromarray(semseg).save(f"{root}/semseg/pascal-context/{image_id}.png")
+    sal = np.zeros((size, size), np.uint8)
+    sal[:, :4] = 128  # 128/255 > 0.5 -> salient
+    sal[:, 4:] = 127  # 127/255 < 0.5 -> not
+    Image.fromarray(sal).save(f"{root}/sal_distill/{image_id}.png")
+    normals = np.zeros((size, size, 3), np.uint8)
+    normals[..., 0], normals[..., 1], normals[..., 2] = 255, 0, 128
+    Image.fromarray(normals).save(f"{root}/normals_distill/{image_id}.png")
+    context = np.zeros((size, size), np.uint16)
+    context[:, 5:] = 7
+    scipy.io.savemat(f"{root}/pascal-context/trainval/{image_id}.mat", {"LabelMap": context})
+    head, llarm = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
+    head[2, 2:6], llarm[5, 2:4] = 1, 1
+    parts = _struct_array([dict(part_name="head", mask=head), dict(part_name="llarm", mask=llarm)],
+                          ("part_name", "mask"))
+    objects = _struct_array([{"class": "person", "class_ind": 15, "mask": (semseg == PERSON_CLASS).astype(np.uint8),
+                              "parts": parts}], ("class", "class_ind", "mask", "parts"))
+    scipy.io.savemat(f"{root}/human_parts/{image_id}.mat", {"anno": {"imname": image_id, "objects": objects}})
+    with open(f"{root}/ImageSets/Context/val.txt", "w") as f:
+        f.write(image_id + "\n")
+    return root
+
+
+def test_hand_made_sample_decodes_every_label(tmp_path):
+    ds = PascalContextMT(_write_sample(str(tmp_path)), "val", img_size=8, normals_valid_classes=[7])
+    raw = ds.load(0)
+    assert raw["semseg"][3, 3] == PERSON_CLASS and raw["semseg"][0, 0] == IGNORE
+    parts = raw["human_parts"]
+    assert (parts[2, 2:6] == 1).all() and (parts[5, 2:4] == 4).all(), "head -> 1, left lower arm -> 4"
+    assert parts.sum() == 4 * 1 + 2 * 4, "every other pixel is background"
+    assert (raw["sal"][:, :4] == 1).all() and (raw["sal"][:, 4:] == 0).all()
+    normals = raw["normals"]
+    np.testing.assert_allclose(normals[0, 6], [1.0, -1.0, 2 * 128 / 255 - 1], atol=1e-6)
+    assert (normals[:, :5] == IGNORE).all(), "normals outside the valid context classes are ignored"
+    edge = raw["edge"]
+    assert edge[:, 4:6].all() and not edge[:, :4].any() and not edge[:, 7:].any(), "edges at the 4|5 boundary"
+
+
+def test_parts_without_a_person_are_ignored(tmp_path):
+    path = str(tmp_path / "p.mat")
+    objects = _struct_array([{"class": "dog", "class_ind": 12, "mask": np.ones((4, 4), np.uint8),
+                              "parts": _struct_array([], ("part_name", "mask"))}], ("class", "class_ind", "mask",
+                                                                                    "parts"))
+    scipy.io.savemat(path, {"anno": {"imname": "x", "objects": objects}})
+    assert (decode_human_parts(path, (4, 4)) == IGNORE).all()
+
+
+def test_edges_are_the_laplacian_support():
+    label = np.zeros((5, 5), np.uint8)
+    label[1:4, 1:4] = 3
+    edge = edges_from_context(label)
+    # the square's border and its 4-neighbours outside: the support of the 5-point Laplacian
+    expected = np.array([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(edge, expected)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_pascal(str(tmp_path_factory.mktemp("syn")), num_train=6, num_val=3, size=32)
+
+
+def test_synthetic_labels_agree_across_tasks(synthetic):
+    ds = PascalContextMT(synthetic, "train", img_size=32)
+    persons = 0
+    for i in range(len(ds)):
+        raw = ds.load(i)
+        assert ((raw["semseg"] > 0) == (raw["sal"] == 1)).all(), "salient pixels are the objects"
+        parts = raw["human_parts"]
+        if (parts != IGNORE).any():
+            persons += 1
+            assert (raw["semseg"][parts > 0] == PERSON_CLASS).all(), "parts lie on the person"
+        boundary = np.zeros_like(raw["edge"], dtype=bool)
+        boundary[:, 1:] |= raw["semseg"][:, 1:] != raw["semseg"][:, :-1]
+        assert raw["edge"][boundary].all(), "every class boundary is an edge"
+        assert np.allclose(np.linalg.norm(raw["normals"], axis=-1), 1.0, atol=0.02)
+    assert persons > 0, "the generator drew no person: the parts task would be untested"
+
+
+def test_train_samples_are_augmented_and_reproducible(synthetic):
+    ds = PascalContextMT(synthetic, "train", img_size=24, seed=3)
+    a, b = ds[2], ds[2]
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: the same (seed, epoch, index) must give the same sample"
+    assert a["image"].shape == (3, 24, 24) and a["normals"].shape == (3, 24, 24)
+    assert a["semseg"].dtype == torch.int64 and a["sal"].dtype == torch.float32
+    ds.set_epoch(1)
+    assert any(not torch.equal(a[k], ds[2][k]) for k in ("image", "semseg")), "a new epoch re-augments"
+
+
+def test_horizontal_flip_mirrors_normals_x(synthetic):
+    from ase_model.data import _augment
+
+    normals = torch.zeros(3, 4, 4)
+    normals[0] = 0.6
+    normals[2] = 0.8
+    labels = {"semseg": torch.zeros(4, 4)}
+
+    class FlipAlways:
+        def uniform(self, lo, hi):
+            return 1.0
+
+        def integers(self, lo, hi):
+            return 0
+
+        def random(self):
+            return 0.0
+
+    _, _, flipped = _augment(torch.zeros(3, 4, 4), labels, normals, 4, FlipAlways(), (1.0, 1.0))
+    assert torch.allclose(flipped[0], torch.full((4, 4), -0.6)) and torch.allclose(flipped[2], torch.full((4, 4), 0.8))
+
+
+def test_missing_and_corrupt_files_are_named(synthetic, tmp_path):
+    with pytest.raises(DataError, match="ImageSets/Context/train.txt"):
+        PascalContextMT(str(tmp_path), "train")
+    root = _write_sample(str(tmp_path / "broken"))
+    os.remove(f"{root}/sal_distill/2008_000001.png")
+    with pytest.raises(DataError, match="sal_distill/2008_000001.png"):
+        PascalContextMT(root, "val").load(0)
+    with open(f"{root}/human_parts/2008_000001.mat", "wb") as f:
+        f.write(b"not a mat file")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(f"{root}/sal_distill/2008_000001.png")
+    with pytest.raises(DataError, match="human_parts/2008_000001.mat"):
+        PascalContextMT(root, "val").load(0)
