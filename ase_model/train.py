@@ -46,9 +46,27 @@ PRESETS = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of the options whose default comes from the preset (tabled below)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _presets_table() -> str:
+    keys = sorted({k for v in PRESETS.values() for k in v})
+    names = sorted(PRESETS)
+    rows = [f"  {'option':<20}" + "".join(f"{n:>12}" for n in names)]
+    rows += [f"  --{k.replace('_', '-'):<18}" + "".join(f"{PRESETS[n].get(k, '-')!s:>12}" for n in names)
+             for k in keys]
+    return "defaults set by --preset (a config file or the command line overrides them):\n" + "\n".join(rows)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ase_model.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
+                                formatter_class=_HelpFormatter)
     add = p.add_argument
     add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")
     add("--preset", choices=sorted(PRESETS), help="defaults for the model and schedule (default: tiny)")
@@ -315,6 +333,9 @@ class Trainer:
             else:
                 self.log(f"--resume: no {path} yet, starting fresh")
         results = {}
+        log = os.path.join(args.output, "metrics.jsonl")
+        if self.main and self.step == 0 and os.path.exists(log):
+            os.remove(log)  # a fresh run in an old directory: its log starts over, as its checkpoints do
         while self.epoch < args.epochs and self.step < self.stop_at:
             self.model.train()
             sums, count, t0 = {}, 0, time.perf_counter()
