@@ -8,14 +8,17 @@ Layout under ``root``::
     human_parts/{id}.mat                     PASCAL-Part annotation ('anno' struct: objects -> parts)
     normals_distill/{id}.png                 RGB-encoded surface normals, n = 2 p / 255 - 1
     sal_distill/{id}.png                     saliency, foreground where p / 255 > 0.5
-    pascal-context/trainval/{id}.mat         context label map ('LabelMap'): edges are its Laplacian's support
+    pascal-context/trainval/{id}.mat         context label map ('LabelMap'): edges are its thinned Laplacian's support
+    json/{nyu,context}_classes.json          the context classes whose distilled normals are valid
 
 Every sample is a dict of tensors: ``image (3, S, S)`` normalised float32, ``semseg (S, S)`` int64,
 ``human_parts (S, S)`` int64, ``sal (S, S)`` float32 in {0, 1, 255}, ``normals (3, S, S)`` float32 (255 where
 invalid), ``edge (S, S)`` float32 in {0, 1, 255}, and ``index``. 255 marks pixels no loss or metric counts.
 """
 
+import json
 import os
+import warnings
 
 import numpy as np
 import scipy.io
@@ -28,7 +31,7 @@ from torch.utils.data import Dataset
 TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 NUM_OUTPUTS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
 IGNORE = 255
-PERSON = "person"
+PERSON_CLASS_IND = 15  # the VOC / PASCAL-Part class index of "person"
 # PASCAL-Part person parts -> 6 coarse parts (0 is background): head, torso, upper arm, lower arm, upper leg,
 # lower leg, as the multi-task PASCAL-Context benchmark defines them.
 PART_MAP = {
@@ -74,7 +77,8 @@ def decode_human_parts(path: str, shape: tuple[int, int]) -> np.ndarray:
         raise DataError(f"{path}: no 'anno' struct")
     objects = anno[0, 0]["objects"]
     for obj in objects.reshape(-1):
-        if str(np.asarray(obj["class"]).reshape(-1)[0]) != PERSON:
+        # the class index, as the reference loaders test it (the class name is a convenience of some files)
+        if int(np.asarray(obj["class_ind"]).reshape(-1)[0]) != PERSON_CLASS_IND:
             continue
         parts = obj["parts"]
         for part in parts.reshape(-1):
@@ -88,23 +92,81 @@ def decode_human_parts(path: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def edges_from_context(label_map: np.ndarray) -> np.ndarray:
-    """Edge map (H, W) uint8: 1 where the Laplacian of the context label map is non-zero (class boundaries)."""
-    return (scipy.ndimage.laplace(label_map.astype(np.float64)) != 0).astype(np.uint8)
+    """Edge map (H, W) uint8 of the reference loaders: the support of the context label map's 5-point Laplacian
+    (cv2.Laplacian, ksize 1, border reflect-101 = scipy's "mirror"), which marks both sides of every class
+    boundary, thinned to one pixel (skimage.morphology.thin)."""
+    laplacian = scipy.ndimage.laplace(label_map.astype(np.float64), mode="mirror")
+    return thin(laplacian != 0).astype(np.uint8)
+
+
+def _thin_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion tables of the two sub-iterations of Guo & Hall's thinning (1989, conditions G1, G2, G3 / G3'),
+    indexed by the 8-neighbourhood code of `thin` (bit i = neighbour i counter-clockwise from east)."""
+    first, second = np.zeros(256, bool), np.zeros(256, bool)
+    for n in range(256):
+        b = [bool(n >> i & 1) for i in range(8)]
+        g1 = sum(not b[i] and (b[i + 1] or b[(i + 2) % 8]) for i in (0, 2, 4, 6)) == 1
+        n1 = sum(b[k - 1] or b[k] for k in (1, 3, 5, 7))
+        n2 = sum(b[k] or b[(k + 1) % 8] for k in (1, 3, 5, 7))
+        g12 = g1 and min(n1, n2) in (2, 3)
+        first[n] = g12 and not ((b[1] or b[2] or not b[7]) and b[0])
+        second[n] = g12 and not ((b[5] or b[6] or not b[3]) and b[4])
+    return first, second
+
+
+_THIN_LUTS = _thin_luts()
+# neighbour weights: east 1, north-east 2, north 4, ... south-east 128
+_THIN_CODE = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], dtype=np.uint8)
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Morphological thinning of a binary mask (H, W) to one-pixel-wide lines, the algorithm of
+    skimage.morphology.thin (Guo & Hall), without scikit-image."""
+    skel = np.asarray(mask, dtype=bool).astype(np.uint8)
+    count = -1
+    while count != skel.sum():
+        count = skel.sum()
+        for lut in _THIN_LUTS:
+            code = scipy.ndimage.correlate(skel, _THIN_CODE, mode="constant")
+            skel[lut[code]] = 0
+    return skel.astype(bool)
+
+
+def normals_valid_classes(root: str) -> list[int] | None:
+    """The context class ids on which the distilled normals are valid, as the reference loaders define them from
+    root/json/{nyu,context}_classes.json: the NYUD classes that PASCAL-Context also has ("unknown" excluded),
+    plus tvmonitor. None (every pixel valid, with a warning) when the files are absent."""
+    nyu_path, context_path = (os.path.join(root, "json", f"{n}_classes.json") for n in ("nyu", "context"))
+    if not (os.path.exists(nyu_path) and os.path.exists(context_path)):
+        warnings.warn(f"{root}/json/nyu_classes.json or context_classes.json is missing: the normals of every "
+                      "pixel count, not only those of the NYUD classes", stacklevel=2)
+        return None
+    try:
+        with open(nyu_path) as f:
+            nyu = json.load(f)
+        with open(context_path) as f:
+            context = json.load(f)
+        valid = [context[name] for name in nyu if name in context and name != "unknown"]
+        return valid + [context["tvmonitor"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read the normals classes from {nyu_path} and {context_path}: {e!r}") from e
 
 
 class PascalContextMT(Dataset):
     """The five PASCAL-Context tasks of one split, augmented (train) or resized (eval) to ``img_size``.
 
-    normals_valid_classes: context classes whose normals count (None: all); other pixels get IGNORE, as the
-    distilled normals are only meaningful on those surfaces.
+    normals_valid: context classes whose normals count ("auto": from root/json, see `normals_valid_classes`;
+    None: all); other pixels get IGNORE, as the distilled normals are only meaningful on those surfaces.
     """
 
     def __init__(self, root: str, split: str = "train", img_size: int = 224, train: bool | None = None,
-                 seed: int = 0, normals_valid_classes=None, scale_range=(0.75, 1.25)):
+                 seed: int = 0, normals_valid="auto", scale_range=(0.75, 1.25)):
         self.root, self.split, self.img_size = root, split, img_size
         self.train = split == "train" if train is None else train
         self.seed, self.epoch, self.scale_range = seed, 0, scale_range
-        self.normals_valid = None if normals_valid_classes is None else np.asarray(sorted(normals_valid_classes))
+        if isinstance(normals_valid, str) and normals_valid == "auto":
+            normals_valid = normals_valid_classes(root)
+        self.normals_valid = None if normals_valid is None else np.asarray(sorted(normals_valid))
         ids_file = os.path.join(root, "ImageSets", "Context", f"{split}.txt")
         try:
             with open(ids_file) as f:

@@ -139,20 +139,14 @@ class MultiTaskViT(nn.Module):
         return total
 
     @torch.no_grad()
-    def shared_gate_per_layer(self) -> torch.Tensor | None:
-        """(layers, tasks): the mean total gate of the shared experts in each layer for each task (last forward)."""
-        layers = self.ase_layers()
-        if not layers:
+    def routing_stats(self) -> dict[str, torch.Tensor] | None:
+        """Routing of the last forward, per layer: ``shared_gate`` (layers, tasks), the mean total gate of the
+        shared experts for each task, and ``load`` (layers, tasks, N), the share of each task's tokens each expert
+        served. None for a model without experts."""
+        stats = [m.routing_stats() for m in self.ase_layers()]
+        if not stats:
             return None
-        return torch.stack([m.routing_stats()["shared_gate"] for m in layers])
-
-    @torch.no_grad()
-    def expert_load(self) -> torch.Tensor | None:
-        """(layers, tasks, N): the fraction of each task's tokens each expert served (last forward)."""
-        layers = self.ase_layers()
-        if not layers:
-            return None
-        return torch.stack([m.routing_stats()["load"] for m in layers])
+        return {key: torch.stack([s[key] for s in stats]) for key in ("shared_gate", "load")}
 
 
 def load_pretrained(model: MultiTaskViT, path: str) -> list[str]:

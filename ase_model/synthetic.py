@@ -4,9 +4,11 @@ Each image holds one to three coloured shapes on a textured background; one of t
 from head, torso, arm and leg parts. All five labels are derived from the same drawing, so they agree across
 tasks: the shape's class is its semseg label and (with an offset) its context label, its pixels are salient, it
 has one surface normal, its outline is an edge, and a person's parts are written to a PASCAL-Part .mat file.
-The colours depend on the class, so a model can learn the tasks.
+The colours depend on the class, so a model can learn the tasks. As in the real dataset, normals count only on
+some context classes (json/nyu_classes.json: the background "wall" and indoor objects; not animals or vehicles).
 """
 
+import json
 import os
 
 import numpy as np
@@ -16,6 +18,10 @@ from PIL import Image
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 PERSON_CLASS = VOC_CLASSES.index("person") + 1  # 15
+# context id of every class: the background is a "wall" (0), VOC class c is 2 c
+CONTEXT_CLASSES = {"wall": 0, **{name: 2 * (i + 1) for i, name in enumerate(VOC_CLASSES)}}
+# "floor" is not a context class and "unknown" never counts: the loader must take the intersection
+NYU_CLASSES = ["unknown", "wall", "floor", "bottle", "chair", "diningtable", "person", "pottedplant", "sofa"]
 _PALETTE = np.random.default_rng(12345).integers(40, 255, size=(21, 3))
 
 
@@ -95,20 +101,28 @@ def _draw(rng, size):
         visible = semseg == obj["cls"]
         obj["mask"] = obj["mask"] & visible
         obj["parts"] = {name: m & visible for name, m in obj["parts"].items()}
-    context = semseg.astype(np.uint16) * 2  # a different id space, same boundaries
+    context = semseg.astype(np.uint16) * 2  # CONTEXT_CLASSES: a different id space, the same boundaries
     saliency = (semseg > 0).astype(np.uint8) * 255
     return image.astype(np.uint8), semseg, context, saliency, normals, objects
 
 
 def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, size: int = 64, seed: int = 0) -> str:
-    """Write a synthetic PASCAL_MT dataset under root (skipped if root already holds one). Returns root."""
+    """Write a synthetic PASCAL_MT dataset under root (skipped if root already holds this very one; written anew
+    over one made with other sizes or seed). Returns root."""
     done = os.path.join(root, ".complete")
+    stamp = f"synthetic PASCAL_MT: {num_train} train, {num_val} val, {size}x{size}, seed {seed}\n"
     if os.path.exists(done):
-        return root
+        with open(done) as f:
+            if f.read() == stamp:
+                return root
+        os.remove(done)
     rng = np.random.default_rng(seed)
     for sub in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "human_parts", "normals_distill",
-                "sal_distill", "pascal-context/trainval"):
+                "sal_distill", "pascal-context/trainval", "json"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for name, value in (("context", CONTEXT_CLASSES), ("nyu", NYU_CLASSES)):
+        with open(os.path.join(root, "json", f"{name}_classes.json"), "w") as f:
+            json.dump(value, f)
     splits = {"train": [f"2008_{i:06d}" for i in range(num_train)],
               "val": [f"2009_{i:06d}" for i in range(num_val)]}
     for split, ids in splits.items():
@@ -132,5 +146,5 @@ def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, siz
         with open(os.path.join(root, "ImageSets", "Context", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
     with open(done, "w") as f:
-        f.write(f"synthetic PASCAL_MT: {num_train} train, {num_val} val, {size}x{size}, seed {seed}\n")
+        f.write(stamp)
     return root

@@ -400,10 +400,10 @@ class Trainer:
             for t in self.model.tasks:
                 keep = fresh.to(self.device)
                 meters[t].update(preds[t].float()[keep], batch[t].to(self.device)[keep])
-            g, ld = self.model.shared_gate_per_layer(), self.model.expert_load()
-            if g is not None:
-                gates = g if gates is None else gates + g
-                loads = ld if loads is None else loads + ld
+            stats = self.model.routing_stats()
+            if stats is not None:
+                gates = stats["shared_gate"] if gates is None else gates + stats["shared_gate"]
+                loads = stats["load"] if loads is None else loads + stats["load"]
             batches += 1
         results = {}
         for t, meter in meters.items():

@@ -56,6 +56,21 @@ def dense_delta(x, A, B, indices, gates, scale):
     return torch.einsum("tnr,nor->to", u, B)
 
 
+def ffn_with_deltas(m: ak.ASEMlp, x: torch.Tensor, targets, delta) -> torch.Tensor:
+    """m's frozen FFN with delta(name, input) added where `targets` (placement names) say: on fc1's output from x,
+    on the FFN output from x ("ffn"), on fc2's output from the hidden activations."""
+    h = m.fc1(x)
+    if "fc1" in targets:
+        h = h + delta("fc1", x)
+    h = m.act(h)
+    y = m.fc2(h)
+    if "ffn" in targets:
+        y = y + delta("ffn", x)
+    if "fc2" in targets:
+        y = y + delta("fc2", h)
+    return y
+
+
 class RoutedMlp(nn.Module):
     """The ASE FFN written in plain PyTorch around a delta function (loop or dense), on ASEMlp's weights."""
 
@@ -71,16 +86,7 @@ class RoutedMlp(nn.Module):
         def experts(name, inp):
             return self.delta(inp, m.experts[name].A, m.experts[name].B, indices, gates, m.scale)
 
-        h = m.fc1(x2)
-        if "fc1" in m.experts:
-            h = h + experts("fc1", x2)
-        h = m.act(h)
-        y = m.fc2(h)
-        if "ffn" in m.experts:
-            y = y + experts("ffn", x2)
-        if "fc2" in m.experts:
-            y = y + experts("fc2", h)
-        return y.reshape(*x.shape[:-1], -1)
+        return ffn_with_deltas(m, x2, m.experts, experts).reshape(*x.shape[:-1], -1)
 
 
 class LoRAMlp(nn.Module):
@@ -98,22 +104,11 @@ class LoRAMlp(nn.Module):
             self.lora[name] = nn.ParameterList([a, b])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.ase
-
         def lora(name, inp):
             a, b = self.lora[name]
             return (inp @ a.T) @ b.T
 
-        h = m.fc1(x)
-        if "fc1" in self.lora:
-            h = h + lora("fc1", x)
-        h = m.act(h)
-        y = m.fc2(h)
-        if "ffn" in self.lora:
-            y = y + lora("ffn", x)
-        if "fc2" in self.lora:
-            y = y + lora("fc2", h)
-        return y
+        return ffn_with_deltas(self.ase, x, self.lora, lora)
 
 
 def make_ase(d: int, hidden: int, config: tuple[int, int, int, int], placement: str, device, dtype) -> ak.ASEMlp:

@@ -1,57 +1,98 @@
-"""Benchmark settings: the ViT-B FFN in bf16 on a GPU, small shapes in fp32 on a CPU (a minute, for CI), and the
-software and hardware of the run in pytest-benchmark's machine info."""
+"""Benchmark settings and helpers shared by bench_*.py.
 
+On a CUDA machine: DESIGN.md's workload (ViT-B FFN 768 -> 3072 -> 768, 64 images x 197 tokens = 12,608 tokens,
+bf16, ViT-B/16 for the training step). On a CPU: the same structure at small shapes in fp32, so that
+``pytest bench/`` checks every candidate in about a minute (CI). pytest-benchmark's machine info records the
+GPU, CUDA, torch and triton versions and the command line of the run.
+"""
+
+import gc
+import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import pytest
 import torch
-import triton
 
 GPU = torch.cuda.is_available()
 CONFIGS = [(16, 4, 0, 4), (32, 8, 0, 2), (16, 3, 1, 4), (32, 6, 2, 2), (64, 12, 4, 1)]  # N/k/S/r, DESIGN.md
 PLACEMENTS = ("ffn", "fc1", "fc2", "fc1+fc2")
+TARGET = (32, 6, 2, 2)  # the paper's best configuration: the target rows of DESIGN.md section 5
 
 
 @dataclass(frozen=True)
 class Env:
     device: torch.device
     dtype: torch.dtype
-    dim: int
-    hidden: int
-    images: int
+    dim: int  # FFN d
+    hidden: int  # FFN 4d
+    images: int  # images of the FFN / routing workload
     tokens_per_image: int
     rounds: int
     warmup: int
+    scaling_images: tuple[int, ...]  # the token-scaling sweeps, 1 to 64 images on a GPU
+    vit: dict  # timm VisionTransformer arguments of the training-step benchmark
+    vit_images: tuple[int, ...]  # images per task of the training step (the batch is 5 tasks x this)
+    vit_rounds: int
+    tolerance: float  # relative (norm-wise) error allowed against the float64 reference
 
     @property
     def tokens(self) -> int:
         return self.images * self.tokens_per_image
 
 
-# GPU: DESIGN.md's workload, 64 images x 197 tokens = 12,608 tokens, 768 -> 3072 -> 768, bf16.
-# CPU: the same structure at a size that runs the whole suite in about a minute.
-ENV = (Env(torch.device("cuda"), torch.bfloat16, 768, 3072, 64, 197, rounds=30, warmup=10) if GPU
-       else Env(torch.device("cpu"), torch.float32, 64, 256, 1, 197, rounds=3, warmup=1))
+VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+# bf16 rounds every stored value (eps 7.8e-3); the errors below are norm-wise, over a whole tensor, so they sit
+# near 3e-3 in practice. fp32 on a CPU agrees with float64 to ~1e-6.
+ENV = (Env(torch.device("cuda"), torch.bfloat16, 768, 3072, 64, 197, rounds=20, warmup=5,
+           scaling_images=(1, 4, 16, 64), vit=VIT_B, vit_images=(1, 4, 16, 64), vit_rounds=8, tolerance=2e-2)
+       if GPU else
+       Env(torch.device("cpu"), torch.float32, 64, 256, 1, 197, rounds=3, warmup=1, scaling_images=(1, 4),
+           vit=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), vit_images=(1, 2),
+           vit_rounds=2, tolerance=1e-4))
+
+if not GPU:
+    # The CPU shapes are far too small to split across threads, and one thread keeps the timings of a shared CI
+    # runner from collapsing when another process takes the second core (OpenMP barriers spin).
+    torch.set_num_threads(1)
 
 
-@pytest.fixture
-def env() -> Env:
-    return ENV
+def config_id(config: tuple[int, int, int, int]) -> str:
+    return "/".join(map(str, config))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
+    import triton
+
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
     machine_info["python"] = platform.python_version()
+    machine_info["command"] = " ".join(["pytest", *sys.argv[1:]])
+    machine_info["backend_env"] = os.environ.get("ASE_KERNELS_BACKEND", "")
+    machine_info["torch_threads"] = torch.get_num_threads()
     if GPU:
+        props = torch.cuda.get_device_properties(0)
         machine_info["gpu"] = torch.cuda.get_device_name()
         machine_info["cuda"] = torch.version.cuda
-        machine_info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        machine_info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        machine_info["driver"] = getattr(torch.cuda, "driver_version", lambda: None)() if False else None
     machine_info["dtype"] = str(ENV.dtype).removeprefix("torch.")
-    machine_info["shape"] = f"{ENV.tokens} tokens, {ENV.dim} -> {ENV.hidden} -> {ENV.dim}"
+    machine_info["shape"] = (f"FFN {ENV.dim} -> {ENV.hidden} -> {ENV.dim}, {ENV.tokens} tokens "
+                             f"({ENV.images} x {ENV.tokens_per_image}); ViT {ENV.vit}")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_release():
+    """Every benchmark starts from the same seed; GPU memory of the previous one is handed back first, so that
+    peak-memory readings and the large ViT batches do not inherit its cache."""
+    torch.manual_seed(0)
+    yield
+    gc.collect()
+    if GPU:
+        torch.cuda.empty_cache()
 
 
 def sync() -> None:
@@ -59,48 +100,88 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, make_inputs, rounds: int, warmup: int) -> float:
-    """Median time of fn(*inputs) over fresh inputs each round: CUDA events on a GPU, a host clock on a CPU."""
-    for _ in range(warmup):
-        fn(*make_inputs())
-    sync()
-    times = []
-    for _ in range(rounds):
-        inputs = make_inputs()
+class Timer:
+    """Wraps fn and records the time of each call: CUDA events around the work on a GPU (the host clock of
+    pytest-benchmark would add launch latency), perf_counter on a CPU. pytest-benchmark calls it once per round,
+    so its own statistics and ``times`` describe the same calls."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, *args):
         if GPU:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(*inputs)
+            self.fn(*args)
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            torch.cuda.synchronize()  # the target ends with the GPU idle (STYLE.md item 10)
+            self.times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            fn(*inputs)
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            self.fn(*args)
+            self.times.append(1e3 * (time.perf_counter() - t0))
 
 
-def memory_bytes(fn, inputs) -> int:
-    """GPU: peak allocated above what was allocated before fn. CPU: bytes of the tensors autograd saved for
-    backward during fn (the activations a training step holds)."""
+def run_timed(benchmark, fn, make_inputs, rounds: int | None = None, warmup: int | None = None) -> float:
+    """Benchmark fn(*make_inputs()) with fresh inputs every round; returns the median ms of the timed rounds.
+
+    make_inputs() runs in pytest-benchmark's setup, outside the timed region, and is synchronised so that the
+    GPU is idle when a round starts. With --benchmark-disable fn runs once (a check that it works)."""
+    rounds = ENV.rounds if rounds is None else rounds
+    warmup = ENV.warmup if warmup is None else warmup
+    timer = Timer(fn)
+
+    def setup():
+        inputs = make_inputs()
+        sync()
+        return inputs, {}
+
+    benchmark.pedantic(timer, setup=setup, rounds=rounds, warmup_rounds=warmup)
+    return statistics.median(timer.times[-rounds:])
+
+
+def memory_mb(fn, inputs, exclude=()) -> float:
+    """Memory of one call of fn(*inputs), in MiB.
+
+    GPU: peak allocated during the call above what was allocated before it (torch.cuda.max_memory_allocated).
+    CPU: bytes of the tensors autograd saved for backward (the activation memory a training step holds),
+    not counting the storages of ``exclude`` (weights and inputs, which exist whatever the implementation)."""
     if GPU:
         sync()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn(*inputs)
         sync()
-        return torch.cuda.max_memory_allocated() - before
-    seen, total = set(), 0
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
 
     def pack(t):
         nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
             total += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*inputs)
-    return total
+    return total / 2**20
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Norm-wise relative error ||got - want|| / ||want||, in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float | None = None) -> float:
+    """Assert the relative error of got against want is within tol (ENV.tolerance); returns it."""
+    tol = ENV.tolerance if tol is None else tol
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    err = rel_err(got, want)
+    if not err <= tol:
+        bad = ((got.double() - want.double()).abs() > tol * want.double().abs().max()).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: relative error {err:.2e} > {tol:.0e} against the float64 reference; "
+                             f"first bad indices {bad}")
+    return err

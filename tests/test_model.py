@@ -66,8 +66,9 @@ def test_mi_loss_and_routing_statistics():
     model = MultiTaskViT(experts=EXPERTS, **SMALL)
     model(torch.randn(2, 3, 32, 32))
     assert model.mi_loss().requires_grad
-    assert model.shared_gate_per_layer().shape == (2, len(TASKS))
-    assert model.expert_load().shape == (2, len(TASKS), 8)
+    stats = model.routing_stats()
+    assert stats["shared_gate"].shape == (2, len(TASKS)) and stats["load"].shape == (2, len(TASKS), 8)
+    assert MultiTaskViT(experts=None, **SMALL).routing_stats() is None
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
