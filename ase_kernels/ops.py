@@ -183,21 +183,8 @@ def _moe_lora_backward(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
                        base_weight: torch.Tensor | None, need_d_base_input: bool,
                        base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
-        return _moe_lora_backward_impl(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
-                                       need_d_base_input, base_is_x)
-
-
-def _moe_lora_backward_impl(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight, need_d_base_input,
-                            base_is_x):
-    impl = _impl(x)
-    if impl is torch_ops:
-        d_x, d_a, d_b, d_g, d_base = impl.moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
-                                                       need_d_base_input or base_is_x)
-        if base_is_x:
-            d_x, d_base = d_x + d_base, None
-    else:
-        d_x, d_a, d_b, d_g, d_base = impl.moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale, base_weight,
-                                                       need_d_base_input, fuse_base=base_is_x)
+        d_x, d_a, d_b, d_g, d_base = _impl(x).moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale,
+                                                           base_weight, need_d_base_input, fuse_base=base_is_x)
     # a custom op returns tensors only: an absent base-input gradient is an empty tensor
     return d_x, d_a, d_b, d_g, d_base if d_base is not None else x.new_empty(0)
 

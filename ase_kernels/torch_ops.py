@@ -112,9 +112,11 @@ def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, ba
     return y.to(x.dtype), u
 
 
-def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_weight, need_d_base_input: bool):
+def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_weight, need_d_base_input: bool,
+                 fuse_base: bool = False):
     """Returns d_x (T, d_in), d_A (N, r, d_in), d_B (N, d_out, r), d_gates (T, k + S) float32 and d_base_input
-    (T, d_base) or None. The frozen base weight gets no gradient here."""
+    (T, d_base) or None. fuse_base: x is base_input, whose gradient d_y @ W0 is then added to d_x. The frozen base
+    weight gets no gradient here."""
     n, rank, d_in = lora_A.shape
     d_out = lora_B.shape[1]
     acc = u.dtype
@@ -129,7 +131,9 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     per_expert = (u * d_u_gated).view(-1, n, rank).sum(2)  # (T, N)
     d_gates = per_expert.gather(1, indices)
     d_base_input = None
-    if need_d_base_input:
+    if fuse_base:
+        d_x = d_x + d_y @ base_weight.to(acc)
+    elif need_d_base_input:
         d_base_input = (d_y @ base_weight.to(acc)).to(x.dtype)
     return d_x.to(x.dtype), d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_base_input
 
