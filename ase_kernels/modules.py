@@ -32,6 +32,17 @@ class LoRAExperts(nn.Module):
         return f"num_experts={n}, rank={r}, in_features={d_in}, out_features={self.B.shape[1]}"
 
 
+class _LastForward:
+    """What a module's last forward leaves for the losses and logs: routing tensors of an autograd graph. A copy
+    or a pickle of the module starts without them (deepcopy refuses non-leaf tensors)."""
+
+    def __init__(self):
+        self.prob_sums = self.indices = self.gates = self.task_ids = None
+
+    def __reduce__(self):
+        return _LastForward, ()
+
+
 class _Routed(nn.Module):
     """What every ASE module shares: the task routers, the routing call, and the statistics of its last call."""
 
@@ -51,16 +62,21 @@ class _Routed(nn.Module):
         # zero-initialised as in Mod-Squad: every token starts with equal logits, so top-k ties go to low indices
         self.router = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features, device=device, dtype=dtype))
         self._task_ids: torch.Tensor | None = None  # set by ase_kernels.task_ids(model, ids)
-        self.last_prob_sums: torch.Tensor | None = None
-        self._last = None
+        self._last = _LastForward()
 
     def _route(self, x: torch.Tensor, task_ids: torch.Tensor | None):
         ids = task_ids if task_ids is not None else self._task_ids
         routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
-        self.last_prob_sums = routing.prob_sums
         # references only, no copies: the statistics are computed when someone asks for them
-        self._last = (routing.indices.detach(), routing.gates.detach(), ids, x.shape[:-1])
+        last = self._last
+        last.prob_sums, last.indices, last.gates, last.task_ids = (routing.prob_sums, routing.indices.detach(),
+                                                                   routing.gates.detach(), ids)
         return routing
+
+    @property
+    def last_prob_sums(self) -> torch.Tensor | None:
+        """(tasks, N) float32, differentiable: the per-task router softmax sums of the last forward."""
+        return self._last.prob_sums
 
     def mi_loss(self) -> torch.Tensor:
         """Mod-Squad MI loss of this layer's last forward (a scalar with gradient)."""
@@ -73,9 +89,10 @@ class _Routed(nn.Module):
         """Statistics of the last forward, for training logs: ``shared_gate`` (tasks,) the mean total gate of the
         shared experts over each task's tokens, and ``load`` (tasks, N) the fraction of each task's tokens that
         each expert served. Tasks without tokens get 0. Device tensors: no host synchronisation."""
-        if self._last is None:
+        last = self._last
+        if last.indices is None:
             raise RuntimeError("routing_stats() needs a forward call first")
-        indices, gates, ids, lead = self._last
+        indices, gates, ids = last.indices, last.gates, last.task_ids
         tokens = indices.shape[0]
         if ids is None:
             ids = torch.zeros(tokens, dtype=torch.int64, device=indices.device)

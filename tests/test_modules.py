@@ -149,3 +149,16 @@ def test_asemlp_unfused_ffn_paths_match_the_fused_one(backend, variant):
                        base_weight=ase.fc2.weight, base_bias=ase.fc2.bias)
     torch.manual_seed(1)
     assert_close("y", want, ase(x, ids))
+
+
+def test_a_module_copies_and_pickles_after_a_training_forward(backend):
+    """The last forward's routing tensors belong to an autograd graph: copies start without them."""
+    import copy
+    import io
+
+    ase = ak.ASEMlp(16, 32, num_tasks=2, **CONFIG).to(DEVICE)
+    ase(torch.randn(2, 3, 16, device=DEVICE, requires_grad=True), torch.tensor([0, 1], device=DEVICE))
+    clone = copy.deepcopy(ase)
+    assert clone.last_prob_sums is None and ase.last_prob_sums is not None
+    torch.save(ase, io.BytesIO())
+    assert_close("router", ase.router, clone.router)
