@@ -4,7 +4,7 @@ Layout under ``root``::
 
     JPEGImages/{id}.jpg                      RGB image
     ImageSets/Context/{train,val}.txt        image ids, one per line
-    semseg/pascal-context/{id}.png           21-class labels (or semseg/VOC12/{id}.png), 255 = ignore
+    semseg/VOC12/{id}.png                    21-class labels, 255 = ignore; else semseg/pascal-context/{id}.png
     human_parts/{id}.mat                     PASCAL-Part annotation ('anno' struct: objects -> parts)
     normals_distill/{id}.png                 RGB-encoded surface normals, n = 2 p / 255 - 1
     sal_distill/{id}.png                     saliency, foreground where p / 255 > 0.5
@@ -164,9 +164,6 @@ class PascalContextMT(Dataset):
         self.root, self.split, self.img_size = root, split, img_size
         self.train = split == "train" if train is None else train
         self.seed, self.epoch, self.scale_range = seed, 0, scale_range
-        if isinstance(normals_valid, str) and normals_valid == "auto":
-            normals_valid = normals_valid_classes(root)
-        self.normals_valid = None if normals_valid is None else np.asarray(sorted(normals_valid))
         ids_file = os.path.join(root, "ImageSets", "Context", f"{split}.txt")
         try:
             with open(ids_file) as f:
@@ -175,6 +172,9 @@ class PascalContextMT(Dataset):
             raise DataError(f"missing file: {ids_file} (is {root} a PASCAL_MT dataset root?)") from e
         if not self.ids:
             raise DataError(f"{ids_file} lists no images")
+        if isinstance(normals_valid, str) and normals_valid == "auto":
+            normals_valid = normals_valid_classes(root)
+        self.normals_valid = None if normals_valid is None else np.asarray(sorted(normals_valid))
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation is a function of (seed, epoch, index): reproducible across workers and resumes."""
@@ -191,9 +191,10 @@ class PascalContextMT(Dataset):
         i = self.ids[index]
         image = np.asarray(_open(self._path("JPEGImages", f"{i}.jpg")).convert("RGB"))
         shape = image.shape[:2]
-        semseg_path = self._path("semseg", "pascal-context", f"{i}.png")
+        # the reference loaders take the VOC 2012 annotation where an image has one (its masks are finer)
+        semseg_path = self._path("semseg", "VOC12", f"{i}.png")
         if not os.path.exists(semseg_path):
-            semseg_path = self._path("semseg", "VOC12", f"{i}.png")
+            semseg_path = self._path("semseg", "pascal-context", f"{i}.png")
         semseg = np.asarray(_open(semseg_path))
         context = _loadmat(self._path("pascal-context", "trainval", f"{i}.mat")).get("LabelMap")
         if context is None:

@@ -6,7 +6,9 @@ and any rank can then ``compute()`` the dataset-level numbers.
 
 import importlib.util
 import math
+import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -117,22 +119,58 @@ class NormalsMeter(Meter):
                 "rmse": math.sqrt(self.state[self.BINS + 1].item() / n), **within}
 
 
+def _boundary_matcher():
+    """pyEdgeEval's per-image boundary matching of the BSDS protocol (thinned predictions matched to the ground
+    truth within a distance tolerance), or None where pyEdgeEval is not installed."""
+    if importlib.util.find_spec("pyEdgeEval") is None:
+        return None
+    try:
+        from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
+    except ImportError as e:  # its modules moved between releases
+        warnings.warn(f"pyEdgeEval is installed but has no evaluate_boundaries_threshold ({e}): no edge odsF",
+                      stacklevel=2)
+        return None
+    return evaluate_boundaries_threshold
+
+
 class EdgeMeter(Meter):
     """Edge detection: the balanced BCE (pos weight 0.95) of the predictions, averaged per image (lower is
-    better). The benchmark's odsF needs pyEdgeEval's boundary matching: it is reported only where pyEdgeEval is
-    installed, and otherwise the loss stands in for it."""
+    better), and, where pyEdgeEval is installed, the benchmark's odsF (percent): per threshold, the matched and
+    total pixel counts of every image are summed over the dataset, and odsF is the best F-measure over thresholds.
 
-    def __init__(self, device="cpu"):
-        self.state = torch.zeros(2, dtype=torch.float64, device=device)
-        self.has_ods = importlib.util.find_spec("pyEdgeEval") is not None
+    max_dist 0.0075 (of the image diagonal) is the tolerance of the PASCAL-Context edge benchmark; the thresholds
+    are fewer than its 99 as the matching costs one assignment problem per image and threshold.
+    """
+
+    def __init__(self, device="cpu", thresholds: int = 20, max_dist: float = 0.0075):
+        self.match = _boundary_matcher()
+        self.thresholds = (np.arange(thresholds) + 0.5) / thresholds
+        self.max_dist = max_dist
+        # loss sum, image count, then per threshold: matched gt, gt, matched prediction, prediction pixel counts
+        self.state = torch.zeros(2 + 4 * thresholds, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """logits (B, 1, H, W); target (B, H, W) in {0, 1, IGNORE}."""
         self.state[0] += balanced_bce(logits, target, EDGE_POS_WEIGHT).double() * logits.shape[0]
         self.state[1] += logits.shape[0]
+        if self.match is None:
+            return
+        prob = torch.sigmoid(logits.float()[:, 0]).cpu().numpy()
+        gt = (target == 1).cpu().numpy()
+        for p, g in zip(prob, gt, strict=True):
+            counts = self.match(self.thresholds, p, [g], max_dist=self.max_dist)  # cntR, sumR, cntP, sumP
+            self.state[2:] += torch.as_tensor(np.stack(counts), dtype=torch.float64).flatten().to(self.state)
 
     def compute(self) -> dict[str, float]:
-        return {"loss": (self.state[0] / self.state[1].clamp_min(1)).item()}
+        out = {"loss": (self.state[0] / self.state[1].clamp_min(1)).item()}
+        if self.match is not None:
+            count_r, sum_r, count_p, sum_p = self.state[2:].view(4, -1)
+            recall = count_r / sum_r.clamp_min(1)
+            precision = count_p / sum_p.clamp_min(1)
+            f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+            out["odsF"] = 100.0 * f.max().item()
+        return out
 
 
 def make_meters(tasks, device="cpu") -> dict[str, Meter]:

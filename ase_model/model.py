@@ -158,10 +158,20 @@ def load_pretrained(model: MultiTaskViT, path: str) -> list[str]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained: no such file: {path}")
-    if path.endswith(".npz"):
+    if path.endswith(".npz"):  # Google's JAX checkpoints: timm reads them key by key, a missing key is a KeyError
+        import re
+
+        import numpy as np
         from timm.models.vision_transformer import _load_weights
 
-        _load_weights(model.vit, path)
+        with np.load(path) as npz:
+            blocks = {int(m.group(1)) for k in npz.files if (m := re.search(r"encoderblock_(\d+)/", k))}
+        if blocks and len(blocks) != len(model.vit.blocks):
+            raise ValueError(f"{path} has {len(blocks)} blocks, the ViT {len(model.vit.blocks)}")
+        try:
+            _load_weights(model.vit, path)
+        except KeyError as e:
+            raise ValueError(f"{path} does not fit the ViT: missing {e}") from e
         return []
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file

@@ -49,10 +49,10 @@ def _person_parts(h, w, rng):
         "llarm": _rect(h, w, int(top + 3.3 * u), int(mid - 1.8 * u), int(top + 4.6 * u), int(mid - u)),
         "ruarm": _rect(h, w, int(top + 2 * u), int(mid + u), int(top + 3.3 * u), int(mid + 1.8 * u)),
         "rlarm": _rect(h, w, int(top + 3.3 * u), int(mid + u), int(top + 4.6 * u), int(mid + 1.8 * u)),
-        "luleg": _rect(h, w, int(top + 4.5 * u), int(mid - u), int(top + 6.2 * u), int(mid - 0.1 * u)),
-        "llleg": _rect(h, w, int(top + 6.2 * u), int(mid - u), int(top + 8 * u), int(mid - 0.1 * u)),
-        "ruleg": _rect(h, w, int(top + 4.5 * u), int(mid + 0.1 * u), int(top + 6.2 * u), int(mid + u)),
-        "rlleg": _rect(h, w, int(top + 6.2 * u), int(mid + 0.1 * u), int(top + 8 * u), int(mid + u)),
+        "luleg": _rect(h, w, int(top + 4.5 * u), int(mid - u), int(top + 6.2 * u), mid),
+        "llleg": _rect(h, w, int(top + 6.2 * u), int(mid - u), int(top + 8 * u), mid),
+        "ruleg": _rect(h, w, int(top + 4.5 * u), mid, int(top + 6.2 * u), int(mid + u)),
+        "rlleg": _rect(h, w, int(top + 6.2 * u), mid, int(top + 8 * u), int(mid + u)),
     }
 
 

@@ -35,8 +35,8 @@ from .synthetic import make_synthetic_pascal
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference_metrics.yaml")
 
 PRESETS = {
-    # a tiny ViT on synthetic 64x64 images: a few minutes on a laptop CPU
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, head_dim=64, epochs=8,
+    # a tiny ViT on synthetic 64x64 images: about a minute on two CPU cores (96 steps, an evaluation per epoch)
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, head_dim=64, epochs=16,
                  batch_size=8, lr=2e-3, warmup_steps=5, num_experts=16, top_k=3, num_shared=1, expert_rank=4,
                  eval_every=1, checkpoint_every=20),
     # the paper: ViT-B/16 at 224x224, 40 epochs, ASE 32/6/2/2
@@ -47,12 +47,15 @@ PRESETS = {
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the None of the options whose default comes from the preset (tabled below)."""
+    """Every option shows its default: its value, or "preset" where --preset sets it (tabled below)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
+        text = action.help or ""
+        if action.dest in {k for v in PRESETS.values() for k in v}:
+            return f"{text} (default: preset)".lstrip()
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
-        return super()._get_help_string(action)
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _presets_table() -> str:
@@ -73,17 +76,19 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="PASCAL_MT root; default: a synthetic dataset generated under --synthetic-dir")
     g.add_argument("--synthetic-dir", default="runs/synthetic_pascal", help="where the synthetic data lives")
-    g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"))
-    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    g.add_argument("--img-size", type=int)
-    g.add_argument("--workers", type=int, default=0)
+    g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"),
+                   help="images per split and their size, of the synthetic data")
+    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
+                   help=f"tasks to learn, of {' '.join(TASKS)}")
+    g.add_argument("--img-size", type=int, help="train crop and eval resize")
+    g.add_argument("--workers", type=int, default=0, help="data loader processes")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", help="local ViT weights (.safetensors, .npz, .pth); none: random init")
-    g.add_argument("--patch-size", type=int)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--num-heads", type=int)
-    g.add_argument("--head-dim", type=int)
+    g.add_argument("--patch-size", type=int, help="ViT patch")
+    g.add_argument("--embed-dim", type=int, help="ViT width")
+    g.add_argument("--depth", type=int, help="ViT blocks")
+    g.add_argument("--num-heads", type=int, help="attention heads")
+    g.add_argument("--head-dim", type=int, help="hidden channels of each task head")
     g.add_argument("--lora-rank", type=int, default=4, help="plain LoRA on attention qkv/proj (0: none)")
     g.add_argument("--num-experts", type=int, help="N (0: plain MTL-ViT without experts)")
     g.add_argument("--top-k", type=int, help="k sparse experts per token")
@@ -91,18 +96,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-rank", type=int, help="r, the LoRA rank of each expert")
     g.add_argument("--mode", default="adaptive", choices=["adaptive", "naive", "none"],
                    help="ASE, naive shared experts, or the LoRA-MoE baseline (none: S must be 0)")
-    g.add_argument("--placement", default="ffn", choices=["ffn", "fc1", "fc2", "fc1+fc2"])
+    g.add_argument("--placement", default="ffn", choices=["ffn", "fc1", "fc2", "fc1+fc2"],
+                   help="where the experts attach in each FFN")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the train split")
     g.add_argument("--batch-size", type=int, help="global batch (images), split over the processes")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "poly"])
+    g.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "poly"], help="decay after warm-up")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--mi-weight", type=float, default=0.005, help="weight of the Mod-Squad MI loss")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds init, data order and augmentation")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     g = p.add_argument_group("run")
     g.add_argument("--output", default="runs/ase", help="directory for config, logs, checkpoints, plots")
@@ -111,12 +117,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")
     g.add_argument("--reference", default=REFERENCE, help="single-task reference metrics for delta_m")
-    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
     return p
 
 
+# what a checkpoint's model is and what data it learned from: --eval-only takes these from the checkpoint
+CHECKPOINT_OPTIONS = ("tasks", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "lora_rank",
+                      "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
+                      "synthetic_dir", "synthetic_size", "seed")
+
+
 def resolve_args(argv=None) -> argparse.Namespace:
-    """preset < config file < command line; every option ends with a value."""
+    """preset < the checkpoint's model and data options (--eval-only) < config file < command line; every option
+    ends with a value."""
     p = parser()
     first, _ = p.parse_known_args(argv)
     cfg = {}
@@ -126,8 +139,14 @@ def resolve_args(argv=None) -> argparse.Namespace:
         unknown = set(cfg) - {a.dest for a in p._actions}
         if unknown:
             p.error(f"{first.config}: unknown options {sorted(unknown)}")
+    saved = {}
+    if first.eval_only:
+        if not os.path.isfile(first.eval_only):
+            p.error(f"--eval-only: no such file: {first.eval_only}")
+        saved = torch.load(first.eval_only, map_location="cpu", weights_only=False).get("args", {})
+        saved = {k: saved[k] for k in CHECKPOINT_OPTIONS if k in saved}
     preset = first.preset or cfg.get("preset") or "tiny"
-    p.set_defaults(**(PRESETS[preset] | cfg | {"preset": preset}))
+    p.set_defaults(**(PRESETS[preset] | saved | cfg | {"preset": preset}))
     args = p.parse_args(argv)
     if args.num_experts and args.mode == "none" and args.num_shared:
         p.error("--mode none is the baseline without shared experts: set --num-shared 0")
@@ -244,10 +263,13 @@ class Trainer:
         self.amp = args.amp == "bf16" or (args.amp == "auto" and self.device.type == "cuda")
         self.step, self.epoch, self.step_in_epoch, self.best = 0, 0, 0, -math.inf
         self.history: list[dict] = []
+        self.epoch_sums: dict[str, float] = {}  # running loss sums of the current epoch, checkpointed with it
         self.writer = None
         if self.main:
             os.makedirs(args.output, exist_ok=True)
-            with open(os.path.join(args.output, "config.yaml"), "w") as f:
+            # an evaluation may share its training run's directory: it must not overwrite that run's config
+            name = "eval_config.yaml" if args.eval_only else "config.yaml"
+            with open(os.path.join(args.output, name), "w") as f:
                 yaml.safe_dump(vars(args), f, sort_keys=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -267,7 +289,8 @@ class Trainer:
             return
         state = dict(model=self.model.trainable_state_dict(), optimizer=self.optimizer.state_dict(),
                      scheduler=self.scheduler.state_dict(), step=self.step, epoch=self.epoch,
-                     step_in_epoch=self.step_in_epoch, best=self.best, history=self.history, rng=rng_state(),
+                     step_in_epoch=self.step_in_epoch, epoch_sums=self.epoch_sums, best=self.best,
+                     history=self.history, rng=rng_state(),
                      args=vars(self.args))
         save_atomic(state, os.path.join(self.args.output, name))
 
@@ -282,7 +305,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-            self.best, self.history = state["best"], state["history"]
+            self.best, self.history, self.epoch_sums = state["best"], state["history"], state["epoch_sums"]
             set_rng_state(state["rng"])
 
     # ---------------------------------------------------------------------------------------------- the loop
@@ -307,21 +330,28 @@ class Trainer:
                                       {t: LOSS_WEIGHTS[t] for t in self.model.tasks})
         mi = self.model.mi_loss() if self.args.mi_weight else loss.new_zeros(())
         total = loss + self.args.mi_weight * mi
-        value = total.item()
+        # the global batch's numbers: every rank logs them, and a NaN on any rank stops every rank at once
+        stats = self.mean_over_ranks({"loss": total.item(), "mi": mi.item(), **{t: v.item() for t, v in parts.items()}})
+        value = stats["loss"]
         if not math.isfinite(value):
             # nothing is saved: last.pt stays the last good state
             raise FloatingPointError(
                 f"non-finite loss ({value}) at step {self.step} (epoch {self.epoch}); task losses "
-                f"{ {t: v.item() for t, v in parts.items()} }. The last good checkpoint is "
+                f"{ {t: stats[t] for t in parts} }. The last good checkpoint is "
                 f"{os.path.join(self.args.output, 'last.pt')}; lower --lr or raise --warmup-steps and --resume.")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.args.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           self.args.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  self.args.clip_grad)
+            if not torch.isfinite(norm):
+                # a finite loss with a non-finite gradient (bf16 overflow): stop before the step spoils the weights
+                raise FloatingPointError(
+                    f"non-finite gradient norm at step {self.step} (epoch {self.epoch}), loss {value}. The last good "
+                    f"checkpoint is {os.path.join(self.args.output, 'last.pt')}; lower --lr or try --amp off.")
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": value, "mi": mi.item(), **{t: v.item() for t, v in parts.items()}}
+        return stats
 
     def fit(self) -> dict:
         args = self.args
@@ -338,7 +368,7 @@ class Trainer:
             os.remove(log)  # a fresh run in an old directory: its log starts over, as its checkpoints do
         while self.epoch < args.epochs and self.step < self.stop_at:
             self.model.train()
-            sums, count, t0 = {}, 0, time.perf_counter()
+            sums, count, t0 = self.epoch_sums, 0, time.perf_counter()
             loader = self.batches(self.epoch, self.step_in_epoch)
             bar = tqdm(loader, total=len(loader), disable=not self.main, desc=f"epoch {self.epoch}", leave=False)
             for batch in bar:
@@ -356,14 +386,17 @@ class Trainer:
                     self.checkpoint("last.pt")
                 if self.step >= self.stop_at:
                     break
-            epoch_done = self.step_in_epoch >= self.steps_per_epoch
+            if self.step_in_epoch < self.steps_per_epoch:
+                # --max-steps stopped the run inside an epoch: the epoch's record waits for the resumed run
+                self.checkpoint("last.pt")
+                break
             record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                       "images_per_s": count * args.batch_size / max(time.perf_counter() - t0, 1e-9),
-                      **{f"train/{k}": v / max(count, 1) for k, v in sums.items()}}
-            if epoch_done:
-                self.epoch += 1
-                self.step_in_epoch = 0
-            if epoch_done and (self.epoch % args.eval_every == 0 or self.epoch >= args.epochs):
+                      **{f"train/{k}": v / self.steps_per_epoch for k, v in sums.items()}}
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_sums = {}
+            if self.epoch % args.eval_every == 0 or self.epoch >= args.epochs:
                 results = self.evaluate()
                 record.update(flatten(results))
                 score = results.get("delta_m", {}).get("value", -math.inf)
@@ -380,6 +413,15 @@ class Trainer:
 
             save_plots(self.history, args.output, self.model.tasks)
         return results
+
+    def mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Each rank's loss is the mean over its share of the global batch: their mean is the global batch's."""
+        if self.world == 1 or not sums:
+            return sums
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return {k: v / self.world for k, v in zip(keys, values.tolist(), strict=True)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -444,7 +486,7 @@ def flatten(results: dict) -> dict:
     return out
 
 
-def metrics_table(results: dict) -> str:
+def metrics_table(results: dict, reference: str = REFERENCE) -> str:
     lines = ["| task | metric | value |", "|---|---|---|"]
     for task, metrics in results.items():
         if task in ("routing",):
@@ -454,7 +496,7 @@ def metrics_table(results: dict) -> str:
                 lines.append(f"| {task} | {name} | {v:.3f} |")
     used = results.get("delta_m", {}).get("tasks")
     if used is not None:
-        lines.append(f"\ndelta_m over {', '.join(used) or 'no task'} (reference: {os.path.basename(REFERENCE)})")
+        lines.append(f"\ndelta_m over {', '.join(used) or 'no task'} (reference: {reference})")
     return "\n".join(lines)
 
 
@@ -465,6 +507,9 @@ def main(argv=None) -> dict:
         if args.eval_only:
             trainer.load(args.eval_only, training=False)
             results = trainer.evaluate()
+            if trainer.main:
+                with open(os.path.join(args.output, "eval_metrics.json"), "w") as f:
+                    json.dump({"checkpoint": args.eval_only, **results}, f, indent=1)
         else:
             results = trainer.fit()
     except FloatingPointError as e:
@@ -474,7 +519,7 @@ def main(argv=None) -> dict:
         if trainer.writer:
             trainer.writer.close()
     if trainer.main:
-        print(metrics_table(results))
+        print(metrics_table(results, args.reference))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

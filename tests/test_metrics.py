@@ -1,11 +1,14 @@
 """ase_model/metrics.py on small hand-computed cases, and delta_m against the paper's own numbers."""
 
+import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from ase_model import metrics
 from ase_model.data import IGNORE
 from ase_model.metrics import (
     ConfusionMeter,
@@ -65,6 +68,32 @@ def test_edge_meter_averages_the_balanced_bce_per_image():
     meter = EdgeMeter()
     meter.update(torch.zeros(2, 1, 1, 2), torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]]))
     assert math.isclose(meter.compute()["loss"], (0.95 + 0.05) * math.log(2) / 2, rel_tol=1e-6)
+
+
+def test_edge_ods_f_sums_boundary_counts_over_images(monkeypatch):
+    """pyEdgeEval's matcher replaced by exact pixel matching: the dataset's counts per threshold give odsF."""
+
+    def exact_match(thresholds, pred, gts, max_dist):
+        (gt,) = gts
+        counts = [[(p & gt).sum(), gt.sum(), (p & gt).sum(), p.sum()] for p in (pred >= t for t in thresholds)]
+        return tuple(np.array(c, dtype=float) for c in zip(*counts, strict=True))
+
+    monkeypatch.setattr(metrics, "_boundary_matcher", lambda: exact_match)
+    meter = EdgeMeter(thresholds=2)  # thresholds 0.25 and 0.75
+    prob = torch.tensor([0.9, 0.3, 0.6, 0.1])
+    meter.update(torch.logit(prob).view(1, 1, 1, 4), torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]))
+    # t = 0.25: predicted 1 1 1 0 -> recall 2/2, precision 2/3, F 0.8; t = 0.75: 1 0 0 0 -> R 1/2, P 1, F 2/3
+    assert meter.compute()["odsF"] == pytest.approx(80.0)
+    meter.update(torch.logit(prob).view(1, 1, 1, 4), torch.tensor([[[0.0, 0.0, 1.0, 0.0]]]))
+    # summed: t = 0.25: R (2 + 1) / 3, P (2 + 1) / 6 -> F 2/3; t = 0.75: R 1/3, P 1/2 -> F 0.4
+    assert meter.compute()["odsF"] == pytest.approx(200 / 3)
+
+
+def test_edge_meter_reports_ods_f_only_with_pyedgeeval():
+    has = importlib.util.find_spec("pyEdgeEval") is not None
+    meter = EdgeMeter()
+    meter.update(torch.zeros(1, 1, 8, 8), torch.zeros(1, 8, 8))
+    assert ("odsF" in meter.compute()) == has
 
 
 def test_delta_m_reproduces_the_papers_table():

@@ -1,9 +1,12 @@
 """ase_model/model.py: shapes, one backbone pass for all tasks, what trains, the fresh model equals the plain
-frozen ViT, and pretrained-weight loading (ase_model/plots.py is exercised by test_train)."""
+frozen ViT, and pretrained-weight loading from .safetensors, .pth and JAX .npz (ase_model/plots.py is exercised by
+test_train)."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 
 import ase_kernels as ak
 from ase_model.data import NUM_OUTPUTS, TASKS
@@ -27,7 +30,7 @@ def test_all_tasks_run_as_one_backbone_batch():
     model.vit.blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     model(torch.randn(2, 3, 32, 32))
     assert calls == [torch.Size([len(TASKS) * 2, 1 + 16, 48])], "one pass over tasks * B images"
-    ids = model.vit.blocks[0].mlp._last[2]
+    ids = model.vit.blocks[0].mlp._last.task_ids
     assert ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], "task-major ids, one per image"
 
 
@@ -53,6 +56,25 @@ def test_fresh_ase_model_equals_the_plain_frozen_vit(placement):
     a, p = ase(images), plain(images)
     for t in TASKS:
         torch.testing.assert_close(a[t], p[t], rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_experts_is_the_frozen_timm_vit_with_the_same_heads():
+    """0 experts, fresh LoRA (B = 0), task embeddings at zero: every task's output is timm's own ViT forward
+    followed by that task's head, so the replicated batch and the block loop change nothing."""
+    model = MultiTaskViT(experts=None, **SMALL)
+    assert not any(isinstance(m, ak.ASEMlp) for m in model.modules())
+    with torch.no_grad():
+        model.task_embed.zero_()
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    missing, unexpected = vit.load_state_dict(model.vit.state_dict(), strict=False)
+    assert not missing and all("lora_" in k for k in unexpected)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:]  # (B, 16, 48)
+    grid = tokens.transpose(1, 2).reshape(2, 48, 4, 4)
+    out = model(images)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], model.heads[t](grid, (32, 32)), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for n, p in model.vit.named_parameters() if "lora_" not in n)
 
 
 def test_lora_linear_keeps_linear_weight_names():
@@ -88,3 +110,45 @@ def test_load_pretrained_checks_keys(tmp_path, fmt):
         load_pretrained(model, path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_pretrained(model, str(tmp_path / "absent.safetensors"))
+
+
+def _save_jax_npz(vit, path, drop=()):
+    """vit's weights in the layout of Google's JAX ViT .npz checkpoints (what timm's _load_weights reads)."""
+    d = vit.embed_dim
+    heads = vit.blocks[0].attn.num_heads
+    w = {"embedding/kernel": vit.patch_embed.proj.weight.permute(2, 3, 1, 0),
+         "embedding/bias": vit.patch_embed.proj.bias, "cls": vit.cls_token,
+         "Transformer/posembed_input/pos_embedding": vit.pos_embed,
+         "Transformer/encoder_norm/scale": vit.norm.weight, "Transformer/encoder_norm/bias": vit.norm.bias}
+    for i, block in enumerate(vit.blocks):
+        b = f"Transformer/encoderblock_{i}/"
+        mha = b + "MultiHeadDotProductAttention_1/"
+        w |= {b + "LayerNorm_0/scale": block.norm1.weight, b + "LayerNorm_0/bias": block.norm1.bias,
+              b + "LayerNorm_2/scale": block.norm2.weight, b + "LayerNorm_2/bias": block.norm2.bias,
+              mha + "out/kernel": block.attn.proj.weight.reshape(d, heads, -1).permute(1, 2, 0),
+              mha + "out/bias": block.attn.proj.bias}
+        for n, weight, bias in zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3),
+                                   block.attn.qkv.bias.chunk(3), strict=True):
+            w |= {mha + f"{n}/kernel": weight.T.reshape(d, heads, -1), mha + f"{n}/bias": bias.reshape(heads, -1)}
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            w |= {b + f"MlpBlock_3/Dense_{r}/kernel": fc.weight.T, b + f"MlpBlock_3/Dense_{r}/bias": fc.bias}
+    np.savez(path, **{k: v.detach().numpy() for k, v in w.items() if k not in drop})
+
+
+def test_load_pretrained_reads_jax_npz(tmp_path):
+    source = MultiTaskViT(experts=None, lora_rank=0, **SMALL)
+    path = str(tmp_path / "vit.npz")
+    _save_jax_npz(source.vit, path)
+    model = MultiTaskViT(experts=EXPERTS, **SMALL)
+    load_pretrained(model, path)
+    ours, theirs = model.vit.state_dict(), source.vit.state_dict()
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    _save_jax_npz(source.vit, path, drop=("Transformer/encoderblock_1/LayerNorm_2/scale",))
+    with pytest.raises(ValueError, match="LayerNorm_2/scale"):
+        load_pretrained(model, path)
+    deeper = MultiTaskViT(experts=EXPERTS, **(SMALL | {"depth": 3}))
+    _save_jax_npz(source.vit, path)
+    with pytest.raises(ValueError, match="2 blocks, the ViT 3"):
+        load_pretrained(deeper, path)
+

@@ -57,6 +57,28 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # and its log: one record per epoch, with the same losses and metrics (not the same speed)
+    logged = [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(parts)]
+    assert logged == [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(whole)]
+
+    # a crash in the middle of an epoch: the run continues from its last periodic checkpoint (step 3)
+    crashed, real_step, calls = str(tmp_path / "crashed"), train.Trainer.train_step, []
+
+    def dies_at_step_4(self, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return real_step(self, batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Trainer, "train_step", dies_at_step_4)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.main(tiny + ["--output", crashed, "--no-plots", "--checkpoint-every", "3"])
+    assert torch.load(os.path.join(crashed, "last.pt"), weights_only=False)["step"] == 3
+    train.main(tiny + ["--output", crashed, "--no-plots", "--resume"])
+    c = _params(crashed)
+    for k in a:
+        assert torch.equal(a[k], c[k]), f"{k} differs after the crash and resume"
 
 
 def test_two_gloo_processes_match_one_process(tiny, tmp_path):
@@ -94,11 +116,36 @@ def test_non_finite_loss_stops_without_a_broken_checkpoint(tiny, tmp_path, monke
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+def test_non_finite_gradient_stops_before_the_step(tiny, tmp_path, monkeypatch):
+    out = str(tmp_path / "nangrad")
+    real, calls = train.multi_task_loss, []
+
+    def poisoned(preds, *args, **kwargs):
+        total, parts = real(preds, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the loss stays 0 + total, its gradient is 0 * inf = NaN
+            total = total + torch.sqrt(preds["semseg"].sum() * 0.0)
+        return total, parts
+
+    monkeypatch.setattr(train, "multi_task_loss", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny + ["--output", out, "--checkpoint-every", "1", "--no-plots"])
+    assert stop.value.code == 2
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def test_eval_only_evaluates_a_checkpoint(tiny, tmp_path, capsys):
     out = str(tmp_path / "run")
     trained = train.main(tiny + ["--output", out, "--epochs", "1"])
     again = train.main(tiny + ["--output", str(tmp_path / "eval"), "--eval-only", os.path.join(out, "last.pt")])
     assert again["semseg"]["mIoU"] == pytest.approx(trained["semseg"]["mIoU"])
+    # without the model options: they come from the checkpoint
+    alone = train.main(["--output", str(tmp_path / "eval2"), "--eval-only", os.path.join(out, "last.pt")])
+    assert alone["normals"]["mean"] == pytest.approx(trained["normals"]["mean"])
+    with open(tmp_path / "eval2" / "eval_metrics.json") as f:
+        assert json.load(f)["semseg"]["mIoU"] == pytest.approx(trained["semseg"]["mIoU"])
+    assert not os.path.exists(tmp_path / "eval2" / "config.yaml"), "an evaluation writes eval_config.yaml"
     assert "| semseg | mIoU |" in capsys.readouterr().out
 
 
