@@ -69,6 +69,21 @@ def dense_delta(x, A, B, indices, gates, scale):
     return torch.einsum("tnr,nor->to", u, B)
 
 
+def ffn_with_deltas(ffn: nn.Module, x: torch.Tensor, targets, delta) -> torch.Tensor:
+    """ffn's frozen fc1 -> act -> fc2, with delta(name, input) added where ``targets`` (placement names) say: on
+    fc1's output from x, on the FFN output from x ("ffn"), on fc2's output from the hidden activations."""
+    h = ffn.fc1(x)
+    if "fc1" in targets:
+        h = h + delta("fc1", x)
+    h = ffn.act(h)
+    y = ffn.fc2(h)
+    if "ffn" in targets:
+        y = y + delta("ffn", x)
+    if "fc2" in targets:
+        y = y + delta("fc2", h)
+    return y
+
+
 class RoutedMlp(nn.Module):
     """The ASE FFN in plain PyTorch around a delta function (loop_delta or dense_delta), on ``ase``'s weights.
     x (..., d) -> (..., d)."""
@@ -85,16 +100,7 @@ class RoutedMlp(nn.Module):
         def experts(name, inp):
             return self.delta(inp, m.experts[name].A, m.experts[name].B, indices, gates, m.scale)
 
-        h = m.fc1(x2)
-        if "fc1" in m.experts:
-            h = h + experts("fc1", x2)
-        h = m.act(h)
-        y = m.fc2(h)
-        if "ffn" in m.experts:
-            y = y + experts("ffn", x2)
-        if "fc2" in m.experts:
-            y = y + experts("fc2", h)
-        return y.reshape(*x.shape[:-1], -1)
+        return ffn_with_deltas(m, x2, m.experts, experts).reshape(*x.shape[:-1], -1)
 
 
 class ReferenceMlp(nn.Module):
@@ -144,16 +150,7 @@ class LoRAMlp(nn.Module):
             a, b = self.lora[name]
             return F.linear(F.linear(inp, a), b)
 
-        h = self.fc1(x)
-        if "fc1" in self.lora:
-            h = h + lora("fc1", x)
-        h = self.act(h)
-        y = self.fc2(h)
-        if "ffn" in self.lora:
-            y = y + lora("ffn", x)
-        if "fc2" in self.lora:
-            y = y + lora("fc2", h)
-        return y
+        return ffn_with_deltas(self, x, self.lora, lora)
 
 
 # Experts' B ~ N(0, B_STD): big enough that the expert sum is a sizeable share of the FFN output (a wrong gate
