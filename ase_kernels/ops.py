@@ -10,6 +10,7 @@ host synchronisation. Backends (``ASE_KERNELS_BACKEND`` forces one):
 - ``reference``: :mod:`ase_kernels.reference`, the per-expert loop, differentiated by autograd.
 """
 
+import functools
 import os
 import types
 
@@ -44,7 +45,14 @@ def _impl(x: torch.Tensor) -> types.ModuleType | types.SimpleNamespace:
     if interpreting() and x.dtype == torch.bfloat16:
         # the interpreter multiplies bf16 bit patterns as integers (triton-lang/triton#11584): a wrong answer
         raise TypeError("x must be float32 or float16 under TRITON_INTERPRET=1: the interpreter cannot multiply bf16")
-    from .kernels import lowrank, routing  # imported on first use: a CPU-only user never pays for Triton
+    return _triton_ops()
+
+
+@functools.cache
+def _triton_ops() -> types.SimpleNamespace:
+    # The kernels are defined on first use: @triton.jit reads TRITON_INTERPRET when a kernel is defined, and a test
+    # session sets it at collection time, after this module was imported.
+    from .kernels import lowrank, routing
 
     return types.SimpleNamespace(route_fwd=routing.route_fwd, route_bwd=routing.route_bwd,
                                  moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd,
