@@ -10,6 +10,7 @@ host synchronisation. Backends (``ASE_KERNELS_BACKEND`` forces one):
 - ``reference``: :mod:`ase_kernels.reference`, the per-expert loop, differentiated by autograd.
 """
 
+import contextlib
 import functools
 import os
 import types
@@ -60,7 +61,10 @@ def _triton_ops() -> types.SimpleNamespace:
 
 
 def _no_autocast(x: torch.Tensor):
-    return torch.autocast(x.device.type, enabled=False)
+    """Autocast off inside an op (no context at all when it is off already: this runs on every call)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _gate_dtype(x: torch.Tensor) -> torch.dtype:
