@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU measurement in a few stages, each well inside a 10-minute command, with the machine's own PyTorch and
+# Triton (no install: the repository root goes on PYTHONPATH). Results go to $OUT when set (the device tool's
+# output folder), else to bench/.
+#   bash bench/gpu_session.sh tests      # bf16 kernels at ViT-B shapes vs float64, CUDA graphs, every test on GPU
+#   bash bench/gpu_session.sh eager      # every benchmark except torch.compile
+#   bash bench/gpu_session.sh compiled   # the torch.compile baselines (most of the compile time)
+#   bash bench/gpu_session.sh report     # tables, targets with pass/fail, plot
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out="${OUT:-bench}"
+mkdir -p "$out"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+case "${1:-all}" in
+  tests) python3 -m pytest tests/test_gpu.py tests/test_routing.py tests/test_lowrank.py tests/test_ops.py \
+           tests/test_modules.py -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+  eager) python3 -m pytest bench -q -x -p no:cacheprovider -k "not compiled" \
+           --benchmark-json="$out/out-eager.json" 2>&1 | tail -5 ;;
+  compiled) python3 -m pytest bench -q -x -p no:cacheprovider -k compiled \
+              --benchmark-json="$out/out-compiled.json" 2>&1 | tail -5 ;;
+  report) python3 bench/report.py "$out"/out-*.json --md "$out/RESULTS_gpu.md" --png "$out/results_gpu.png" ;;
+  all) for stage in tests eager compiled report; do bash "$0" "$stage"; done ;;
+  *) echo "usage: $0 tests|eager|compiled|report|all" >&2; exit 2 ;;
+esac
