@@ -266,8 +266,12 @@ def weight_grad(left: torch.Tensor, right: torch.Tensor, tasks: int = 1, task_id
 _MAX_RANK_COLUMNS = 1024  # the shrink keeps all N * r columns in one tile (gate gradients need whole experts)
 
 
-def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
+def _shrink(inp, bank, backward=None):
+    """inp (T, K) times every rank column of an expert bank viewed as (N, r, K): (T, N * r) fp32. backward =
+    (u, indices, gates, scale) adds the gating epilogue and returns (d_u, ug, d_gates)."""
     t, k = inp.shape
+    n, rank, _ = bank.shape
+    r_cols = n * rank
     if r_cols > _MAX_RANK_COLUMNS:
         raise ValueError(f"lora_A: N * r = {r_cols} rank columns is more than the kernels' {_MAX_RANK_COLUMNS}")
     cfg = launch_config("shrink", inp)
@@ -283,9 +287,9 @@ def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
         d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device)
         idx_strides, gate_strides, dg_strides = idx.stride(), gates.stride(), d_gates.stride()
     _shrink_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
-        inp, w, out, u, idx, gates, ug, d_gates,
+        inp, bank, out, u, idx, gates, ug, d_gates,
         t, k, r_cols,
-        *inp.stride(), *w_strides, *out.stride(), *u.stride(), *idx_strides, *gate_strides, *dg_strides,
+        *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx_strides, *gate_strides, *dg_strides,
         scale,
         RANK=rank, KS=ks, BACKWARD=backward is not None, PRECISION=dot_precision(inp),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
@@ -293,9 +297,10 @@ def _shrink(inp, w_strides, w, rank, r_cols, backward=None):
     return out if backward is None else (out, ug, d_gates)
 
 
-def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bias=None, act=None, pre=None):
-    """out (T, D_OUT) = act([P @ Q^T] + bias + scale * (v [* g]) @ L_all^T), with base = (P, Q, stride_qo,
-    stride_qk); act None, "gelu" (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
+def _expand(out, v, bank, scale, gating=None, base=None, bias=None, act=None, pre=None):
+    """out (T, D_OUT) = act([P @ Q^T] + bias + scale * (v [* g]) @ L_all^T), with the expert bank L viewed as
+    (N, r, D_OUT), v (T, R) fp32 (R = 0: no experts), base = (P, Q, stride_qo, stride_qk); act None, "gelu"
+    (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
     t, o = out.shape
     r_cols = v.shape[1]
     idx, gates = gating if gating is not None else (v, v)
@@ -306,11 +311,11 @@ def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bia
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
 
     _expand_kernel[grid](
-        p, q, bias if bias is not None else v, v, idx, gates, lora, pre if pre is not None else out, out,
+        p, q, bias if bias is not None else v, v, idx, gates, bank, pre if pre is not None else out, out,
         t, o, k, r_cols,
-        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *lora_strides, *out.stride(),
+        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *bank.stride(), *out.stride(),
         scale,
-        RANK=rank, KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
+        RANK=bank.shape[1], KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, GATED=gating is not None, ACTIVATION=_ACTIVATIONS[act],
         PRECISION=dot_precision(out),
         BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
@@ -318,21 +323,32 @@ def _expand(out, v, lora_strides, lora, rank, scale, gating=None, base=None, bia
     return out
 
 
+def _b_bank(lora_B: torch.Tensor) -> torch.Tensor:
+    """lora_B (N, d_out, r) as the kernels' expert bank (N, r, d_out): a view, no copy."""
+    return lora_B.transpose(1, 2)
+
+
 def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, base_weight, base_bias):
     """x: (T, d_in); lora_A: (N, r, d_in); lora_B: (N, d_out, r); indices, gates: (T, k + S).
 
     Returns y (T, d_out) in x's dtype and u = x A_all^T (T, N * r) fp32.
     """
-    n, rank, _ = lora_A.shape
-    d_out = lora_B.shape[1]
-    sa, sb = lora_A.stride(), lora_B.stride()
-    u = _shrink(x, (sa[0], sa[1], sa[2]), lora_A, rank, n * rank)
-    y = torch.empty(x.shape[0], d_out, dtype=x.dtype, device=x.device)
+    u = _shrink(x, lora_A)
+    y = torch.empty(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
     base = None
     if base_weight is not None:
         base = (base_input, base_weight, base_weight.stride(0), base_weight.stride(1))
-    _expand(y, u, (sb[0], sb[2], sb[1]), lora_B, rank, scale, gating=(indices, gates), base=base, bias=base_bias)
+    _expand(y, u, _b_bank(lora_B), scale, gating=(indices, gates), base=base, bias=base_bias)
     return y, u
+
+
+def _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale):
+    """The experts' share of backward: d_u = d(u * g) (T, N * r) fp32 for the caller's dx, and d_A, d_B, d_gates."""
+    n, rank, d_in = lora_A.shape
+    d_u, ug, d_gates = _shrink(d_y, _b_bank(lora_B), backward=(u, indices, gates, scale))
+    d_a = weight_grad(d_u, x).view(n, rank, d_in)
+    d_b = weight_grad(ug, d_y).view(n, rank, lora_B.shape[1]).permute(0, 2, 1).contiguous()
+    return d_u, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates
 
 
 def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_weight, need_d_base_input: bool,
@@ -341,19 +357,14 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
 
     fuse_base: x is base_input (a LoRA'd Linear), so d_x = d_u @ A_all + d_y @ W0 comes out of one expand.
     """
-    n, rank, d_in = lora_A.shape
-    d_out = lora_B.shape[1]
-    sa, sb = lora_A.stride(), lora_B.stride()
-    d_u, ug, d_gates = _shrink(d_y, (sb[0], sb[2], sb[1]), lora_B, rank, n * rank, backward=(u, indices, gates, scale))
+    d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     base = (d_y, base_weight, base_weight.stride(1), base_weight.stride(0)) if fuse_base else None
-    _expand(d_x, d_u, (sa[0], sa[1], sa[2]), lora_A, rank, 1.0, base=base)
+    _expand(d_x, d_u, lora_A, 1.0, base=base)
     d_base_input = None
     if need_d_base_input and not fuse_base:
         d_base_input = d_y @ base_weight  # a plain frozen-weight GEMM: cuBLAS
-    d_a = weight_grad(d_u, x).view(n, rank, d_in)
-    d_b = weight_grad(ug, d_y).view(n, rank, d_out).permute(0, 2, 1).contiguous()
-    return d_x, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_base_input
+    return d_x, d_a, d_b, d_gates, d_base_input
 
 
 def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
@@ -363,17 +374,14 @@ def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora
     lora_B: (N, d_out, r). Returns y (T, d_out), u (T, N * r) fp32 and h_pre = fc1(x) (T, hidden), saved for the
     GELU gradient. Three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts.
     """
-    n, rank, _ = lora_A.shape
-    sa, sb = lora_A.stride(), lora_B.stride()
-    u = _shrink(x, (sa[0], sa[1], sa[2]), lora_A, rank, n * rank)
-    hidden = fc1_weight.shape[0]
-    h_pre = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
+    u = _shrink(x, lora_A)
+    h_pre = torch.empty(x.shape[0], fc1_weight.shape[0], dtype=x.dtype, device=x.device)
     h = torch.empty_like(h_pre)
-    _expand(h, u[:, :0], sa, lora_A, rank, 1.0, base=(x, fc1_weight, *fc1_weight.stride()), bias=fc1_bias,
-            act="gelu", pre=h_pre)
+    _expand(h, u[:, :0], lora_A, 1.0, base=(x, fc1_weight, *fc1_weight.stride()), bias=fc1_bias, act="gelu",
+            pre=h_pre)
     y = torch.empty(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
-    _expand(y, u, (sb[0], sb[2], sb[1]), lora_B, rank, scale, gating=(indices, gates),
-            base=(h, fc2_weight, *fc2_weight.stride()), bias=fc2_bias)
+    _expand(y, u, _b_bank(lora_B), scale, gating=(indices, gates), base=(h, fc2_weight, *fc2_weight.stride()),
+            bias=fc2_bias)
     return y, u, h_pre
 
 
@@ -381,16 +389,10 @@ def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, ga
     """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates, and d_h_pre (T, hidden)
     for the caller that trains fc1. d_x = (d_y W2 * gelu'(h_pre)) W1 + d_u A_all: the experts' input gradient rides
     in fc1's backward GEMM as a K-extension."""
-    n, rank, d_in = lora_A.shape
-    d_out = lora_B.shape[1]
-    sa, sb = lora_A.stride(), lora_B.stride()
-    d_u, ug, d_gates = _shrink(d_y, (sb[0], sb[2], sb[1]), lora_B, rank, n * rank, backward=(u, indices, gates, scale))
+    d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
     d_h_pre = torch.empty_like(h_pre)
-    _expand(d_h_pre, d_u[:, :0], sa, lora_A, rank, 1.0, base=(d_y, fc2_weight, fc2_weight.stride(1),
-                                                               fc2_weight.stride(0)), act="gelu_grad", pre=h_pre)
+    _expand(d_h_pre, d_u[:, :0], lora_A, 1.0, base=(d_y, fc2_weight, fc2_weight.stride(1), fc2_weight.stride(0)),
+            act="gelu_grad", pre=h_pre)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _expand(d_x, d_u, (sa[0], sa[1], sa[2]), lora_A, rank, 1.0,
-            base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
-    d_a = weight_grad(d_u, x).view(n, rank, d_in)
-    d_b = weight_grad(ug, d_y).view(n, rank, d_out).permute(0, 2, 1).contiguous()
-    return d_x, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates, d_h_pre
+    _expand(d_x, d_u, lora_A, 1.0, base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
+    return d_x, d_a, d_b, d_gates, d_h_pre
