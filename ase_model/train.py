@@ -249,8 +249,8 @@ class Trainer:
         if self.world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.index
                                                is not None else None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.per_rank = args.batch_size // self.world
         self.steps_per_epoch = len(self.train_set) // args.batch_size
         if self.steps_per_epoch == 0:
@@ -342,8 +342,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.args.clip_grad:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                  self.args.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad)
             if not torch.isfinite(norm):
                 # a finite loss with a non-finite gradient (bf16 overflow): stop before the step spoils the weights
                 raise FloatingPointError(
@@ -439,8 +438,8 @@ class Trainer:
             seen[index] = True
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 preds = self.model(batch["image"].to(self.device))
+            keep = fresh.to(self.device)
             for t in self.model.tasks:
-                keep = fresh.to(self.device)
                 meters[t].update(preds[t].float()[keep], batch[t].to(self.device)[keep])
             stats = self.model.routing_stats()
             if stats is not None:
