@@ -1,16 +1,9 @@
-"""Multi-task training of a frozen ViT with Adaptive Shared Experts on PASCAL-Context.
+"""Multi-task training of a frozen ViT with Adaptive Shared Experts on PASCAL-Context: the training loop and
+`main` (options in `options.py`, checkpoints in `checkpoints.py`, evaluation in `evaluate.py`).
 
-    python -m ase_model.train                                  # tiny ViT, synthetic data, CPU-friendly
-    python -m ase_model.train --preset paper --data PASCAL_MT --pretrained vit_b16.safetensors
-    torchrun --nproc_per_node=8 -m ase_model.train --preset paper --data PASCAL_MT ...
-    python -m ase_model.train -c run.yaml --resume              # continue a run where it stopped
-
-Options come from (later wins): the preset, a YAML config (-c), the command line. Every run writes its resolved
-config, metrics (metrics.jsonl, TensorBoard when installed), checkpoints (last.pt, best.pt, written atomically)
-and plots (PNG) to --output.
+    python -m ase_model.train --help
 """
 
-import argparse
 import json
 import math
 import os
@@ -26,132 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .data import TASKS, PascalContextMT
+from .checkpoints import rng_state, save_atomic, set_rng_state
+from .data import PascalContextMT
+from .evaluate import evaluate, flatten, metrics_table
 from .losses import LOSS_WEIGHTS, multi_task_loss
-from .metrics import delta_m, load_reference, make_meters
 from .model import build_model, load_pretrained
+from .options import resolve_args
 from .synthetic import make_synthetic_pascal
-
-REFERENCE = os.path.join(os.path.dirname(__file__), "reference_metrics.yaml")
-
-PRESETS = {
-    # a tiny ViT on synthetic 64x64 images: about a minute on two CPU cores (96 steps, an evaluation per epoch)
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, head_dim=64, epochs=16,
-                 batch_size=8, lr=2e-3, warmup_steps=5, num_experts=16, top_k=3, num_shared=1, expert_rank=4,
-                 eval_every=1, checkpoint_every=20),
-    # the paper: ViT-B/16 at 224x224, 40 epochs, ASE 32/6/2/2
-    "paper": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, head_dim=256, epochs=40,
-                  batch_size=64, lr=1e-4, warmup_steps=500, num_experts=32, top_k=6, num_shared=2, expert_rank=2,
-                  eval_every=1, checkpoint_every=1000),
-}
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every option shows its default: its value, or "preset" where --preset sets it (tabled below)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.dest in {k for v in PRESETS.values() for k in v}:
-            return f"{text} (default: preset)".lstrip()
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
-            return action.help
-        return f"{text} (default: %(default)s)".lstrip()
-
-
-def _presets_table() -> str:
-    keys = sorted({k for v in PRESETS.values() for k in v})
-    names = sorted(PRESETS)
-    rows = [f"  {'option':<20}" + "".join(f"{n:>12}" for n in names)]
-    rows += [f"  --{k.replace('_', '-'):<18}" + "".join(f"{PRESETS[n].get(k, '-')!s:>12}" for n in names)
-             for k in keys]
-    return "defaults set by --preset (a config file or the command line overrides them):\n" + "\n".join(rows)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
-                                formatter_class=_HelpFormatter)
-    add = p.add_argument
-    add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")
-    add("--preset", choices=sorted(PRESETS), help="defaults for the model and schedule (default: tiny)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="PASCAL_MT root; default: a synthetic dataset generated under --synthetic-dir")
-    g.add_argument("--synthetic-dir", default="runs/synthetic_pascal", help="where the synthetic data lives")
-    g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"),
-                   help="images per split and their size, of the synthetic data")
-    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                   help=f"tasks to learn, of {' '.join(TASKS)}")
-    g.add_argument("--img-size", type=int, help="train crop and eval resize")
-    g.add_argument("--workers", type=int, default=0, help="data loader processes")
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained", help="local ViT weights (.safetensors, .npz, .pth); none: random init")
-    g.add_argument("--patch-size", type=int, help="ViT patch")
-    g.add_argument("--embed-dim", type=int, help="ViT width")
-    g.add_argument("--depth", type=int, help="ViT blocks")
-    g.add_argument("--num-heads", type=int, help="attention heads")
-    g.add_argument("--head-dim", type=int, help="hidden channels of each task head")
-    g.add_argument("--lora-rank", type=int, default=4, help="plain LoRA on attention qkv/proj (0: none)")
-    g.add_argument("--num-experts", type=int, help="N (0: plain MTL-ViT without experts)")
-    g.add_argument("--top-k", type=int, help="k sparse experts per token")
-    g.add_argument("--num-shared", type=int, help="S shared experts")
-    g.add_argument("--expert-rank", type=int, help="r, the LoRA rank of each expert")
-    g.add_argument("--mode", default="adaptive", choices=["adaptive", "naive", "none"],
-                   help="ASE, naive shared experts, or the LoRA-MoE baseline (none: S must be 0)")
-    g.add_argument("--placement", default="ffn", choices=["ffn", "fc1", "fc2", "fc1+fc2"],
-                   help="where the experts attach in each FFN")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="passes over the train split")
-    g.add_argument("--batch-size", type=int, help="global batch (images), split over the processes")
-    g.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "poly"], help="decay after warm-up")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--mi-weight", type=float, default=0.005, help="weight of the Mod-Squad MI loss")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
-    g.add_argument("--seed", type=int, default=0, help="seeds init, data order and augmentation")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output", default="runs/ase", help="directory for config, logs, checkpoints, plots")
-    g.add_argument("--eval-every", type=int, help="epochs between evaluations")
-    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
-    g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")
-    g.add_argument("--reference", default=REFERENCE, help="single-task reference metrics for delta_m")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
-    return p
-
-
-# what a checkpoint's model is and what data it learned from: --eval-only takes these from the checkpoint
-CHECKPOINT_OPTIONS = ("tasks", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "lora_rank",
-                      "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
-                      "synthetic_dir", "synthetic_size", "seed")
-
-
-def resolve_args(argv=None) -> argparse.Namespace:
-    """preset < the checkpoint's model and data options (--eval-only) < config file < command line; every option
-    ends with a value."""
-    p = parser()
-    first, _ = p.parse_known_args(argv)
-    cfg = {}
-    if first.config:
-        with open(first.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        unknown = set(cfg) - {a.dest for a in p._actions}
-        if unknown:
-            p.error(f"{first.config}: unknown options {sorted(unknown)}")
-    saved = {}
-    if first.eval_only:
-        if not os.path.isfile(first.eval_only):
-            p.error(f"--eval-only: no such file: {first.eval_only}")
-        saved = torch.load(first.eval_only, map_location="cpu", weights_only=False).get("args", {})
-        saved = {k: saved[k] for k in CHECKPOINT_OPTIONS if k in saved}
-    preset = first.preset or cfg.get("preset") or "tiny"
-    p.set_defaults(**(PRESETS[preset] | saved | cfg | {"preset": preset}))
-    args = p.parse_args(argv)
-    if args.num_experts and args.mode == "none" and args.num_shared:
-        p.error("--mode none is the baseline without shared experts: set --num-shared 0")
-    return args
-
 
 # ------------------------------------------------------------------------------------------------ distributed
 
@@ -175,34 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def lr_lambda(args, total_steps: int):
@@ -422,40 +268,9 @@ class Trainer:
         dist.all_reduce(values)
         return {k: v / self.world for k, v in zip(keys, values.tolist(), strict=True)}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Metrics over the validation set, reduced over ranks; routing statistics of the last ASE forward."""
-        self.model.eval()
-        meters = make_meters(self.model.tasks, self.device)
-        sampler = DistributedSampler(self.val_set, self.world, self.rank, shuffle=False, drop_last=False)
-        loader = DataLoader(self.val_set, batch_size=max(1, self.per_rank), sampler=sampler,
-                            num_workers=self.args.workers)
-        seen = torch.zeros(len(self.val_set), dtype=torch.bool)
-        gates, loads, batches = None, None, 0
-        for batch in tqdm(loader, disable=not self.main, desc="eval", leave=False):
-            index = batch["index"]
-            fresh = ~seen[index]  # DistributedSampler pads with repeats: count every image once
-            seen[index] = True
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.model(batch["image"].to(self.device))
-            keep = fresh.to(self.device)
-            for t in self.model.tasks:
-                meters[t].update(preds[t].float()[keep], batch[t].to(self.device)[keep])
-            stats = self.model.routing_stats()
-            if stats is not None:
-                gates = stats["shared_gate"] if gates is None else gates + stats["shared_gate"]
-                loads = stats["load"] if loads is None else loads + stats["load"]
-            batches += 1
-        results = {}
-        for t, meter in meters.items():
-            meter.reduce()
-            results[t] = meter.compute()
-        value, used = delta_m(results, load_reference(self.args.reference))
-        results["delta_m"] = {"value": value, "tasks": used}
-        if gates is not None:
-            results["routing"] = {"shared_gate": (gates / batches).tolist(), "load": (loads / batches).tolist()}
-        self.model.train()
-        return results
+        return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
+                        workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main)
 
     def log_record(self, record: dict) -> None:
         if not self.main:
@@ -470,33 +285,6 @@ class Trainer:
         keys = [k for k in record if k.startswith("train/")]
         self.log(f"epoch {record['epoch']} step {record['step']}: " + ", ".join(
             f"{k[6:]} {record[k]:.4f}" for k in keys) + f", {record['images_per_s']:.1f} img/s")
-
-
-def flatten(results: dict) -> dict:
-    """{task: {metric: v}} -> {"val/task/metric": v} for the numeric entries (routing stats are kept nested)."""
-    out = {}
-    for task, metrics in results.items():
-        if task == "routing":
-            out["routing"] = metrics
-            continue
-        for name, v in metrics.items():
-            if isinstance(v, (int, float)):
-                out[f"val/{task}/{name}"] = v
-    return out
-
-
-def metrics_table(results: dict, reference: str = REFERENCE) -> str:
-    lines = ["| task | metric | value |", "|---|---|---|"]
-    for task, metrics in results.items():
-        if task in ("routing",):
-            continue
-        for name, v in metrics.items():
-            if isinstance(v, (int, float)):
-                lines.append(f"| {task} | {name} | {v:.3f} |")
-    used = results.get("delta_m", {}).get("tasks")
-    if used is not None:
-        lines.append(f"\ndelta_m over {', '.join(used) or 'no task'} (reference: {reference})")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:

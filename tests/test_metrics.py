@@ -19,7 +19,7 @@ from ase_model.metrics import (
     load_reference,
     make_meters,
 )
-from ase_model.train import REFERENCE
+from ase_model.options import REFERENCE
 
 
 def _logits_for(labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import ase_model.options as options
 import ase_model.train as train
 
 
@@ -152,11 +153,11 @@ def test_eval_only_evaluates_a_checkpoint(tiny, tmp_path, capsys):
 def test_options_resolve_preset_then_config_then_command_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: paper\nlr: 0.5\nepochs: 7\n")
-    args = train.resolve_args(["-c", str(cfg), "--epochs", "9"])
+    args = options.resolve_args(["-c", str(cfg), "--epochs", "9"])
     assert (args.preset, args.embed_dim, args.lr, args.epochs) == ("paper", 768, 0.5, 9)
-    assert train.resolve_args([]).embed_dim == train.PRESETS["tiny"]["embed_dim"]
+    assert options.resolve_args([]).embed_dim == options.PRESETS["tiny"]["embed_dim"]
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(SystemExit):
-        train.resolve_args(["-c", str(cfg)])
+        options.resolve_args(["-c", str(cfg)])
     with pytest.raises(SystemExit):
-        train.resolve_args(["--mode", "none", "--num-shared", "2"])
+        options.resolve_args(["--mode", "none", "--num-shared", "2"])
