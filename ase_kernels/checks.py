@@ -46,47 +46,71 @@ def check_x(x) -> None:
         raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
 
 
-_last_checked: tuple | None = None  # (weakref, version, tasks) of the last task_ids whose values passed
+_ids_cache: tuple | None = None  # (weakref to the ids given, version, tasks, tokens, per-token int64 ids)
+_zero_ids: dict[torch.device, torch.Tensor] = {}  # read-only zeros: the ids of a one-task batch, grown on demand
 
 
 def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
-    """Task id of every token: (T,) int64 from None, (T,) or one id per leading batch row of x (..., d_in)."""
+    """Task id of every token: (T,) int64 from None, (T,) or one id per leading batch row of x (..., d_in).
+
+    Hot path: every layer of a model gets the same ids tensor, so its range check (a device-to-host read) and
+    its expansion to one id per token run once per tensor and version; later calls return the cached result
+    with no device work at all. Under torch.compile or CUDA-graph capture, where no value can be read back, a
+    device-side assert (torch._assert_async) raises instead.
+    """
+    global _ids_cache
     tokens = x.shape[:-1].numel()
     if task_ids is None:
         if tasks != 1:
             raise ValueError(f"task_ids is required: router_weight has {tasks} task routers")
-        return torch.zeros(tokens, dtype=torch.int64, device=x.device)
+        return _zeros(tokens, x.device)
     _check_tensor("task_ids", task_ids, dim=1, device=x.device)
     if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool or task_ids.is_complex():
         raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+    per_row = None
     if task_ids.shape[0] != tokens:
         if x.dim() > 2 and task_ids.shape[0] == x.shape[0]:
             per_row = tokens // x.shape[0]
-            task_ids = task_ids[:, None].expand(x.shape[0], per_row).reshape(-1)
         else:
             raise ValueError(
                 f"task_ids must have one id per token ({tokens}) or per leading batch row of x "
                 f"({x.shape[0] if x.dim() > 2 else 'n/a'}), got shape {tuple(task_ids.shape)}"
             )
-    _check_task_values(task_ids, tasks)
+    if not _can_read_back(task_ids.device):
+        torch._assert_async(((task_ids >= 0) & (task_ids < tasks)).all(),
+                            f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks)")
+        return _per_token(task_ids, per_row)
+    key = (task_ids._version, tasks, tokens)
+    if _ids_cache is not None and _ids_cache[0]() is task_ids and _ids_cache[1:4] == key:
+        return _ids_cache[4]
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= tasks:
+            raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
+    ids = _per_token(task_ids, per_row)
+    _ids_cache = (weakref.ref(task_ids), *key, ids)
+    return ids
+
+
+def _can_read_back(device: torch.device) -> bool:
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return not torch.compiler.is_compiling() and not capturing
+
+
+def _per_token(task_ids: torch.Tensor, per_row: int | None) -> torch.Tensor:
+    if per_row is not None:
+        task_ids = task_ids[:, None].expand(task_ids.shape[0], per_row).reshape(-1)
     return task_ids.to(torch.int64)
 
 
-def _check_task_values(task_ids: torch.Tensor, tasks: int) -> None:
-    """Range check of the ids. It reads one scalar back from the device, so it is skipped while compiling or
-    capturing a CUDA graph, and done once per ids tensor: every layer of a model reuses the same ids."""
-    global _last_checked
-    if torch.compiler.is_compiling() or task_ids.numel() == 0:
-        return
-    if task_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if (_last_checked is not None and _last_checked[0]() is task_ids
-            and _last_checked[1:] == (task_ids._version, tasks)):
-        return
-    lo, hi = int(task_ids.min()), int(task_ids.max())
-    if lo < 0 or hi >= tasks:
-        raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
-    _last_checked = (weakref.ref(task_ids), task_ids._version, tasks)
+def _zeros(tokens: int, device: torch.device) -> torch.Tensor:
+    """tokens int64 zeros, a slice of one cached buffer per device (the kernels only read task ids)."""
+    if not _can_read_back(device):  # a compiled or captured graph allocates its own
+        return torch.zeros(tokens, dtype=torch.int64, device=device)
+    buf = _zero_ids.get(device)
+    if buf is None or buf.shape[0] < tokens:
+        buf = _zero_ids[device] = torch.zeros(max(tokens, 1024), dtype=torch.int64, device=device)
+    return buf[:tokens]
 
 
 def check_route(x, router_weight, task_ids, top_k, num_shared, mode):

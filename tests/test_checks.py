@@ -134,3 +134,46 @@ def test_moe_lora_ffn_rejects_bad_input(any_backend, position, change, error, ma
     args[position] = change(args[position])
     with pytest.raises(error, match=match):
         ak.moe_lora_ffn(*args)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside it: device work (and any read-back) shows up here."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_task_ids_are_checked_and_expanded_once_per_tensor():
+    """The range check reads values back to the host: it runs once per ids tensor (and version), then every layer
+    gets the cached per-token ids without any device op (no sync, no launch)."""
+    from ase_kernels.checks import token_task_ids
+
+    x, per_image = torch.randn(4, 7, 16, device=DEVICE), torch.tensor([2, 0, 1, 2], device=DEVICE)
+    first, zeros = token_task_ids(per_image, x, 3), token_task_ids(None, x, 1)
+    with _CountOps() as counted:
+        again = token_task_ids(per_image, x, 3)
+        zeros_again = token_task_ids(None, x, 1)
+    assert again is first and torch.equal(first, per_image.repeat_interleave(7))
+    assert not zeros.any() and zeros.shape == (28,) and zeros_again.data_ptr() == zeros.data_ptr()
+    assert all(op == "aten.slice.Tensor" for op in counted.ops), f"device work on a cached call: {counted.ops}"
+
+
+@pytest.mark.parametrize("bad", [-1, 2], ids=["negative", "too-large"])
+def test_task_ids_out_of_range_fail_under_torch_compile(any_backend, bad):
+    """Compiled code cannot read the ids back: a device-side assert must still refuse them (no silent routing)."""
+    if any_backend == "reference":
+        pytest.skip("the reference is a float64 loop, not meant to be compiled")
+    x, w, ids = _route_args()
+    route = torch.compile(lambda x, w, ids: ak.route(x, w, ids, top_k=2, num_shared=1).gates, fullgraph=True)
+    route(x, w, ids)
+    ids = ids.clone()
+    ids[1] = bad
+    with pytest.raises(RuntimeError, match=r"task_ids must lie in \[0, 2\)"):
+        route(x, w, ids)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
