@@ -46,7 +46,7 @@ def check_x(x) -> None:
         raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
 
 
-_ids_cache: tuple | None = None  # (weakref to the ids given, version, tasks, tokens, per-token int64 ids)
+_ids_cache: tuple | None = None  # (weakref to the ids given, version, tasks, tokens, per-token ids, offsets)
 _zero_ids: dict[torch.device, torch.Tensor] = {}  # read-only zeros: the ids of a one-task batch, grown on demand
 
 
@@ -83,13 +83,23 @@ def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
     key = (task_ids._version, tasks, tokens)
     if _ids_cache is not None and _ids_cache[0]() is task_ids and _ids_cache[1:4] == key:
         return _ids_cache[4]
-    if task_ids.numel():
-        lo, hi = int(task_ids.min()), int(task_ids.max())
+    ids, offsets = _per_token(task_ids, per_row), None
+    if ids.numel():
+        lo, hi, task_major = torch.stack([ids.min(), ids.max(), (ids[1:] >= ids[:-1]).all().long()]).tolist()
         if lo < 0 or hi >= tasks:
             raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
-    ids = _per_token(task_ids, per_row)
-    _ids_cache = (weakref.ref(task_ids), *key, ids)
+        if task_major:  # each task's tokens are one range: gradient reductions walk only their own task's range
+            offsets = torch.searchsorted(ids, torch.arange(tasks + 1, device=ids.device))
+    _ids_cache = (weakref.ref(task_ids), *key, ids, offsets)
     return ids
+
+
+def task_offsets(ids: torch.Tensor) -> torch.Tensor | None:
+    """(tasks + 1,) int64 start of each task's token range if ids (per-token ids returned by
+    :func:`token_task_ids`) were checked and found task-major (sorted), else None. No device work."""
+    if _ids_cache is not None and _ids_cache[4] is ids:
+        return _ids_cache[5]
+    return None
 
 
 def _can_read_back(device: torch.device) -> bool:

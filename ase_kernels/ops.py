@@ -18,7 +18,7 @@ import types
 import torch
 
 from . import reference, torch_ops
-from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route
+from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, task_offsets
 from .kernels.common import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
@@ -101,12 +101,13 @@ def _(x, router_weight, task_ids, top_k, num_shared, mode):
 
 
 @torch.library.custom_op("ase_kernels::route_backward", mutates_args=())
-def _route_backward(d_gates: torch.Tensor, d_prob_sums: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor,
-                    task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, top_k: int, num_shared: int,
-                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_backward(d_gates: torch.Tensor | None, d_prob_sums: torch.Tensor | None, x: torch.Tensor,
+                    router_weight: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                    top_k: int, num_shared: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # an absent gradient (None: autograd does not materialise zeros) counts as zero
     with _no_autocast(x):
         return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
-                                        num_shared, mode))
+                                        num_shared, mode, task_offsets=task_offsets(task_ids)))
 
 
 @_route_backward.register_fake
@@ -118,6 +119,7 @@ def _route_setup(ctx, inputs, output):
     x, router_weight, task_ids, top_k, num_shared, mode = inputs
     gates, _, indices = output
     ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # no zero tensors for unused outputs: backward takes None
     # Saved: x and the router weight (already alive), ids and the compact routing; the (T, N) logits are
     # recomputed in backward (one small GEMM) instead of being saved.
     ctx.save_for_backward(x, router_weight, task_ids, indices, gates)
@@ -125,6 +127,8 @@ def _route_setup(ctx, inputs, output):
 
 
 def _route_grad(ctx, d_gates, d_prob_sums, d_indices):
+    if d_gates is None and d_prob_sums is None:
+        return None, None, None, None, None, None
     x, router_weight, task_ids, indices, gates = ctx.saved_tensors
     d_x, d_w = _route_backward(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, *ctx.config)
     return d_x, d_w, None, None, None, None
@@ -213,6 +217,7 @@ def _moe_lora_setup(ctx, inputs, output):
     x, lora_A, lora_B, indices, gates, scale, base_input, base_weight, base_bias, base_is_x = inputs
     _, u = output
     ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)  # no zero gradient for u: backward takes None
     # Saved: x and u = x A_all^T (T, N * r), the compact routing, the weights. base_input is saved only when the
     # base weight itself trains: a frozen W0 needs no activation for its (absent) gradient.
     weight_trains = base_weight is not None and ctx.needs_input_grad[7]
@@ -224,6 +229,8 @@ def _moe_lora_setup(ctx, inputs, output):
 
 
 def _moe_lora_grad(ctx, d_y, d_u):
+    if d_y is None:
+        return (None,) * 10
     x, lora_A, lora_B, indices, gates, u, base_weight, base_input = ctx.saved_tensors
     d_x, d_a, d_b, d_g, d_base = _moe_lora_backward(d_y, x, lora_A, lora_B, indices, gates, u, ctx.scale,
                                                     base_weight, ctx.need_d_base_input, ctx.base_is_x)
@@ -319,6 +326,7 @@ def _moe_lora_ffn_setup(ctx, inputs, output):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale = inputs
     _, u, h_pre = output
     ctx.mark_non_differentiable(u, h_pre)
+    ctx.set_materialize_grads(False)  # no zero gradients for u and h_pre (a (T, hidden) memset): backward takes None
     # Saved: x, u (T, N * r) and h_pre = fc1(x) (T, hidden) for the GELU gradient, as an unfused FFN saves it;
     # h = gelu(h_pre) is not saved: with fc2 frozen nothing needs it (recomputed if fc2 does train).
     ctx.save_for_backward(x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre)
@@ -328,6 +336,8 @@ def _moe_lora_ffn_setup(ctx, inputs, output):
 
 
 def _moe_lora_ffn_grad(ctx, d_y, d_u, d_h_pre_out):
+    if d_y is None:
+        return (None,) * 10
     x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre = ctx.saved_tensors
     d_x, d_a, d_b, d_g, d_h_pre = _moe_lora_ffn_backward(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices,
                                                          gates, u, h_pre, ctx.scale)

@@ -60,28 +60,32 @@ def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str
     return indices, gates, prob_sums
 
 
-def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k: int, num_shared: int, mode: str):
-    """Gradients of route w.r.t. x (T, d_in) and router_weight (tasks, N, d_in), in their dtypes.
+def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k: int, num_shared: int, mode: str,
+              task_offsets=None):
+    """Gradients of route w.r.t. x (T, d_in) and router_weight (tasks, N, d_in), in their dtypes. d_gates or
+    d_prob_sums may be None (zero); task_offsets is the Triton path's hint and unused here.
 
     Recomputes the logits (one small GEMM) instead of saving a (T, N) tensor in forward.
     """
     tasks, n, d_in = router_weight.shape
     z = _logits(x, router_weight, task_ids)  # (T, N)
     acc = z.dtype
-    d_gates = d_gates.to(acc)
     d_z = torch.zeros_like(z)
-    if mode == "adaptive":
+    if d_gates is not None and mode == "adaptive":
+        d_gates = d_gates.to(acc)
         # softmax over the k + S active logits: dz_a = g_a (dg_a - sum_b g_b dg_b), zero elsewhere
         d_active = gates * (d_gates - (gates * d_gates).sum(1, keepdim=True))
         d_z.scatter_(1, indices, d_active)
-    elif top_k:
+    elif d_gates is not None and top_k:
+        d_gates = d_gates.to(acc)
         p = torch.softmax(z[:, : n - num_shared], dim=1)  # (T, N - S)
         d_p = torch.zeros_like(p).scatter_(1, indices[:, :top_k], d_gates[:, :top_k])
         d_z[:, : n - num_shared] = p * (d_p - (p * d_p).sum(1, keepdim=True))
     # Mod-Squad sums: every token adds its full softmax to its task's row
-    p_all = torch.softmax(z, dim=1)
-    d_p_all = d_prob_sums.to(acc)[task_ids]  # (T, N)
-    d_z += p_all * (d_p_all - (p_all * d_p_all).sum(1, keepdim=True))
+    if d_prob_sums is not None:
+        p_all = torch.softmax(z, dim=1)
+        d_p_all = d_prob_sums.to(acc)[task_ids]  # (T, N)
+        d_z += p_all * (d_p_all - (p_all * d_p_all).sum(1, keepdim=True))
     # each token's logit gradient lands in its task's block of a (T, tasks * N) matrix
     d_z_tasks = z.new_zeros(x.shape[0], tasks, n).scatter_(1, task_ids.view(-1, 1, 1).expand(-1, 1, n), d_z[:, None])
     d_z_tasks = d_z_tasks.view(x.shape[0], tasks * n)

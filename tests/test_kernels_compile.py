@@ -14,8 +14,9 @@ import pytest
 PRECISION = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee"}
 # pointer arguments that are not in the activation dtype, and those that are fp32 in one kernel only
 FIXED = {"task_ptr": "*i64", "idx_ptr": "*i64", "gate_ptr": "*fp32", "psum_ptr": "*fp32", "dgate_ptr": "*fp32",
-         "dpsum_ptr": "*fp32", "dz_ptr": "*fp32", "u_ptr": "*fp32", "ug_ptr": "*fp32", "v_ptr": "*fp32"}
-FP32 = {"_shrink_kernel": {"out_ptr"}, "_wgrad_kernel": {"l_ptr", "out_ptr"}}
+         "dpsum_ptr": "*fp32", "dz_ptr": "*fp32", "u_ptr": "*fp32", "ug_ptr": "*fp32", "v_ptr": "*fp32",
+         "toff_ptr": "*i64", "part_ptr": "*fp32"}
+FP32 = {"_shrink_kernel": {"out_ptr"}, "_wgrad_kernel": {"l0_ptr", "l1_ptr"}}
 
 
 def _compile(fn, dtype, constexprs, target, **options):
@@ -44,8 +45,9 @@ def compile_all(target: int, dtype: str, all_configs: bool) -> list[str]:
     done, precision = [], PRECISION[dtype]
     for fn in (routing._route_fwd_kernel, routing._route_bwd_kernel):
         for mode in (routing.MODE_ADAPTIVE.value, routing.MODE_NAIVE.value):
+            extra = dict(HAS_DGATES=True, HAS_DPSUM=True) if fn is routing._route_bwd_kernel else {}
             done.append(_compile(fn, dtype, dict(TOP_K=6, NUM_SHARED=2, MODE=mode, PRECISION=precision, BLOCK_T=64,
-                                                 BLOCK_N=32, BLOCK_D=64, BLOCK_KS=8), target, num_warps=4))
+                                                 BLOCK_N=32, BLOCK_D=64, BLOCK_KS=8, **extra), target, num_warps=4))
     for backward in (False, True):
         done.append(_compile(lowrank._shrink_kernel, dtype, dict(RANK=2, KS=8, BACKWARD=backward, PRECISION=precision,
                                                                  BLOCK_T=64, BLOCK_K=64, BLOCK_R=64), target))
@@ -58,9 +60,13 @@ def compile_all(target: int, dtype: str, all_configs: bool) -> list[str]:
                               **config.kwargs)
             done.append(_compile(lowrank._expand_kernel.fn, dtype, constexprs, target, num_warps=config.num_warps,
                                  num_stages=config.num_stages))
-    for has_tasks in (False, True):
-        done.append(_compile(lowrank._wgrad_kernel, dtype, dict(HAS_TASKS=has_tasks, PRECISION=precision, BLOCK_T=64,
-                                                                BLOCK_C=64, BLOCK_K=64), target))
+    # dA and dB in one launch; the router gradient over task ranges or with a task filter
+    for tasks, two in ((lowrank.TASKS_NONE, True), (lowrank.TASKS_RANGES, False), (lowrank.TASKS_FILTER, False)):
+        done.append(_compile(lowrank._wgrad_kernel, dtype, dict(TASKS=tasks.value, TWO=two, PRECISION=precision,
+                                                                BLOCK_T=64, BLOCK_C=64, BLOCK_K=64), target))
+    for two in (True, False):
+        done.append(_compile(lowrank._wgrad_sum_kernel, dtype, dict(RANK=2 if two else 1, TWO=two, BLOCK_C=64,
+                                                                    BLOCK_K=64), target))
     return done
 
 
@@ -77,7 +83,7 @@ def test_every_kernel_compiles(target, dtype, all_configs):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"compile for sm_{target} {dtype} failed:\n{proc.stderr[-4000:]}"
     compiled = proc.stdout.split()
-    assert len(compiled) == 4 + 2 + 4 * (5 if all_configs else 1) + 2, f"unexpected kernel count: {compiled}"
+    assert len(compiled) == 4 + 2 + 4 * (5 if all_configs else 1) + 3 + 2, f"unexpected kernel count: {compiled}"
 
 
 if __name__ == "__main__":

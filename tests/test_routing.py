@@ -107,3 +107,38 @@ def test_route_invariants(backend, config):
         else:
             assert (r.gates[:, :k].sum(1) < 1).all() and (r.gates[:, k:] == 1).all()
         assert torch.allclose(r.prob_sums.sum(), torch.tensor(29.0, device=DEVICE), rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["task-major", "interleaved"])
+def test_route_gradient_with_an_absent_task(backend, order):
+    """Task-major ids give each router-gradient program its task's token range (from per-task offsets); task 1
+    has no tokens (an empty range) and gets a zero gradient. Interleaved ids take the filtering path."""
+    from ase_kernels.checks import task_offsets, token_task_ids
+
+    ids = torch.tensor([0] * 20 + [2] * 45 + [3] * 6)
+    if order == "interleaved":
+        ids = ids[torch.randperm(ids.shape[0])]
+    x, w = torch.randn(ids.shape[0], 16), torch.randn(4, 16, 16)
+    check_route(x, w, ids, 3, 1, "adaptive", torch.float32)
+    ids_d = ids.to(DEVICE)
+    offsets = task_offsets(token_task_ids(ids_d, x.to(DEVICE), 4))
+    if order == "task-major":
+        assert offsets.tolist() == [0, 20, 20, 65, 71]
+    else:
+        assert offsets is None
+
+
+@pytest.mark.parametrize("loss", ["gates-only", "prob-sums-only"])
+def test_route_gradient_of_one_output(backend, loss):
+    """Autograd does not materialise zeros for the unused output: backward takes None for it."""
+    x, w, ids = torch.randn(33, 16), torch.randn(2, 8, 16), torch.sort(torch.randint(0, 2, (33,))).values
+    x_t, w_t = leaf(x, torch.float32, DEVICE), leaf(w, torch.float32, DEVICE)
+    x_r, w_r = leaf(x, torch.float64, "cpu"), leaf(w, torch.float64, "cpu")
+    out = ak.route(x_t, w_t, ids.to(DEVICE), top_k=3, num_shared=1)
+    ref = reference.route(x_r, w_r, ids, top_k=3, num_shared=1)
+    pick = (lambda r: r.gates) if loss == "gates-only" else (lambda r: r.prob_sums)
+    d = torch.randn_like(pick(ref))
+    (pick(ref) * d).sum().backward()
+    (pick(out) * d.to(DEVICE)).sum().backward()
+    assert_close("dx", x_r.grad, x_t.grad, torch.float32)
+    assert_close("d_router_weight", w_r.grad, w_t.grad, torch.float32)

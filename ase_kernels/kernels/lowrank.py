@@ -15,7 +15,8 @@ Backward (W0 is frozen: no dW0, no saved base_input)::
     du_g = scale * dy @ B_all; d_u = du_g * g          # shrink with a gating epilogue, which also gives
     d_gates[t, j] = sum_{c in expert j} u * du_g       #   the gate gradients and ug = scale * u * g
     dx = d_u @ A_all (+ dy @ W0 when x is base_input)  # expand
-    dA = d_u^T x;  dB = dy^T ug                        # weight_grad: token reductions cut into splits
+    dA = d_u^T x;  dB = dy^T ug                        # weight_grad: token reductions cut into splits, one launch
+                                                       #   for both, and one that adds the splits
 
 The ASE FFN (experts on the FFN input, added to its output) fuses further: fc1's bias and GELU ride in its GEMM's
 epilogue, and in backward the GELU gradient rides in fc2's input-gradient GEMM while the experts' input gradient
@@ -202,65 +203,159 @@ def _expand_kernel(
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask_to)
 
 
+TASKS_NONE = tl.constexpr(0)  # every token counts
+TASKS_FILTER = tl.constexpr(1)  # any order of task ids: mask each token block by task
+TASKS_RANGES = tl.constexpr(2)  # task-major ids: each task's tokens are one range, from per-task offsets
+
+
+@triton.jit
+def _wgrad_tile(l_ptr, r_ptr, task_ptr, task, t_lo, t_hi, offs_c, mask_c, offs_k, K,
+                stride_lt, stride_lc, stride_rt, stride_rk, stride_task,
+                TASK_FILTER: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_{t in [t_lo, t_hi)} L[t, offs_c]^T R[t, offs_k] (of task `task` only if TASK_FILTER): (BLOCK_C, BLOCK_K)
+    fp32. No data-dependent branch in the loop, so its loads are pipelined."""
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        if TASK_FILTER:
+            mask_t &= tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1) == task
+        lt = tl.load(l_ptr + offs_c[:, None] * stride_lc + offs_t[None, :] * stride_lt,
+                     mask=mask_c[:, None] & mask_t[None, :], other=0.0)
+        r = tl.load(r_ptr + offs_t[:, None] * stride_rt + offs_k[None, :] * stride_rk,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(lt, r.to(lt.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit
 def _wgrad_kernel(
     # pointers
-    l_ptr, r_ptr, task_ptr, out_ptr,
+    l0_ptr, r0_ptr, l1_ptr, r1_ptr, task_ptr, toff_ptr, part_ptr,
     # sizes
-    T, C, K, TOKENS_PER_SPLIT,
+    T, C, K0, K1, K_PART,
     # strides
-    stride_lt, stride_lc, stride_rt, stride_rk, stride_task,
+    stride_l0t, stride_l0c, stride_r0t, stride_r0k, stride_l1t, stride_l1c, stride_r1t, stride_r1k, stride_task,
     # meta
-    HAS_TASKS: tl.constexpr, PRECISION: tl.constexpr,
+    TASKS: tl.constexpr, TWO: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """partial[split, task, c, k] = sum over the split's tokens (of that task) of L[t, c] R[t, k].
+    """part[split, p, c, k] = sum over the split's tokens of L_p[t, c] R_p[t, k], for problem p: the task p of one
+    (L0, R0) pair, or (TWO) the pairs (L0, R0) and (L1, R1) of one launch.
 
-    Each program owns one (split, task, K block) and writes its own partial: no atomics, a deterministic sum.
+    Each program owns one (K block, split, p) and writes its own partial: no atomics, a deterministic sum
+    (:func:`_wgrad_sum_kernel` adds the splits). With TASKS_RANGES a program walks only the tokens of its task.
     """
     pid_k = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    task = tl.program_id(2)
+    p = tl.program_id(2)
+    splits = tl.num_programs(1)
+    if TASKS == TASKS_RANGES:
+        t_start = tl.load(toff_ptr + p)
+        t_end = tl.load(toff_ptr + p + 1)
+    else:
+        t_start = T * 0
+        t_end = T * 1
+    per_split = tl.cdiv(tl.cdiv(t_end - t_start, splits), BLOCK_T) * BLOCK_T
+    t_lo = t_start + split * per_split
+    t_hi = tl.minimum(t_end, t_lo + per_split)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    t_end = tl.minimum(T, (split + 1) * TOKENS_PER_SPLIT)
+    filt: tl.constexpr = TASKS == TASKS_FILTER
+    if TWO and p == 1:
+        acc = _wgrad_tile(l1_ptr, r1_ptr, task_ptr, p, t_lo, t_hi, offs_c, mask_c, offs_k, K1,
+                          stride_l1t, stride_l1c, stride_r1t, stride_r1k, stride_task,
+                          False, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)
+    else:
+        acc = _wgrad_tile(l0_ptr, r0_ptr, task_ptr, p, t_lo, t_hi, offs_c, mask_c, offs_k, K0,
+                          stride_l0t, stride_l0c, stride_r0t, stride_r0k, stride_task,
+                          filt, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)
+    part = ((split * tl.num_programs(2) + p) * C + offs_c[:, None]) * K_PART + offs_k[None, :]
+    tl.store(part_ptr + part, acc, mask=mask_c[:, None] & (offs_k < K_PART)[None, :])
+
+
+@triton.jit
+def _wgrad_sum_kernel(
+    # pointers
+    part_ptr, out0_ptr, out1_ptr,
+    # sizes
+    SPLITS, C, K0, K1, K_PART,
+    # strides: out_p[c // RANK, c % RANK, k] (out0 of problem p at p * stride_0p)
+    stride_0p, stride_0n, stride_0r, stride_0k, stride_1n, stride_1r, stride_1k,
+    # meta
+    RANK: tl.constexpr, TWO: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out_p[c, k] = sum_split part[split, p, c, k], in a fixed order, cast to the weight's dtype and written in
+    its layout (e.g. lora_B's (N, d_out, r)): no separate sum, permute or cast kernels."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = (p * C + offs_c[:, None]) * K_PART + offs_k[None, :]
+    mask = mask_c[:, None] & (offs_k < K_PART)[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
-    for t0 in range(split * TOKENS_PER_SPLIT, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < t_end
-        if HAS_TASKS:
-            mask_t &= tl.load(task_ptr + offs_t * stride_task, mask=mask_t, other=-1) == task
-        if tl.sum(mask_t.to(tl.int32), axis=0) > 0:
-            lt = tl.load(l_ptr + offs_c[:, None] * stride_lc + offs_t[None, :] * stride_lt,
-                         mask=mask_c[:, None] & mask_t[None, :], other=0.0)
-            r = tl.load(r_ptr + offs_t[:, None] * stride_rt + offs_k[None, :] * stride_rk,
-                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(lt, r.to(tl.float32), acc, input_precision=PRECISION)
-    part = ((split * tl.num_programs(2) + task) * C + offs_c[:, None]) * K + offs_k[None, :]
-    tl.store(out_ptr + part, acc, mask=mask_c[:, None] & mask_k[None, :])
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + s * tl.num_programs(1) * C * K_PART + rows, mask=mask, other=0.0)
+    if TWO and p == 1:
+        out = out1_ptr + (offs_c // RANK)[:, None] * stride_1n + (offs_c % RANK)[:, None] * stride_1r \
+            + offs_k[None, :] * stride_1k
+        tl.store(out, acc.to(out1_ptr.dtype.element_ty), mask=mask_c[:, None] & (offs_k < K1)[None, :])
+    else:
+        out = out0_ptr + p * stride_0p + (offs_c // RANK)[:, None] * stride_0n + (offs_c % RANK)[:, None] * stride_0r \
+            + offs_k[None, :] * stride_0k
+        tl.store(out, acc.to(out0_ptr.dtype.element_ty), mask=mask_c[:, None] & (offs_k < K0)[None, :])
 
 
-def weight_grad(left: torch.Tensor, right: torch.Tensor, tasks: int = 1, task_ids: torch.Tensor | None = None):
-    """sum_t left[t, :]^T right[t, :] per task: left (T, C) fp32, right (T, K) any float dtype,
-    task_ids (T,) int64 or None. Returns (tasks, C, K) fp32."""
-    t, c = left.shape
-    k = right.shape[1]
+def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None,
+                task_offsets: torch.Tensor | None = None):
+    """Token reductions left^T right into weight gradients, in one launch of partial sums and one of their sum.
+
+    pairs: one or two (left (T, C), right (T, K_i)); left and right of one dtype (fp32 left: right is upcast).
+    outs: for two pairs, lora_A-like (N, r, K_0) and lora_B-like (N, K_1, r) gradients (C = N * r), written in
+    their dtype; for one pair with task_ids (T,) int64, the router-like (tasks, C, K_0) gradient, each task
+    summing its own tokens (task_offsets (tasks + 1,): task-major ids, each task one range).
+    """
+    t, c = pairs[0][0].shape
+    two = len(pairs) == 2
+    problems = 2 if two else (outs[0].shape[0] if task_ids is not None else 1)
+    k0, k1 = pairs[0][1].shape[1], pairs[-1][1].shape[1]
+    k_part = max(k0, k1)
+    right = pairs[0][1]
     cfg = launch_config("wgrad", right)
-    k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
-    splits = token_splits(right, t, k_blocks * tasks, cfg["BLOCK_T"])
-    per_split = triton.cdiv(triton.cdiv(max(t, 1), splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
-    partial = torch.empty(splits, tasks, c, k, dtype=torch.float32, device=left.device)
-    has_tasks = task_ids is not None
-    _wgrad_kernel[(k_blocks, splits, tasks)](
-        left, right, task_ids if has_tasks else left, partial,
-        t, c, k, per_split,
-        *left.stride(), *right.stride(), task_ids.stride(0) if has_tasks else 0,
-        HAS_TASKS=has_tasks, PRECISION=dot_precision(right),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_C=next_block(c), BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    k_blocks = triton.cdiv(k_part, cfg["BLOCK_K"])
+    tokens_per_problem = t if task_offsets is None else triton.cdiv(t, problems)
+    splits = token_splits(right, tokens_per_problem, k_blocks * problems, cfg["BLOCK_T"])
+    partial = torch.empty(splits, problems, c, k_part, dtype=torch.float32, device=right.device)
+    (l0, r0), (l1, r1) = pairs[0], pairs[-1]
+    tasks = TASKS_NONE.value if task_ids is None else (TASKS_FILTER.value if task_offsets is None
+                                                       else TASKS_RANGES.value)
+    ids = task_ids if task_ids is not None else l0
+    block_c = next_block(c)
+    _wgrad_kernel[(k_blocks, splits, problems)](
+        l0, r0, l1, r1, ids, task_offsets if task_offsets is not None else ids, partial,
+        t, c, k0, k1, k_part,
+        *l0.stride(), *r0.stride(), *l1.stride(), *r1.stride(), ids.stride(0),
+        TASKS=tasks, TWO=two, PRECISION=dot_precision(right),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
     )
-    return partial.sum(0)
+    o0, o1 = outs[0], outs[-1]
+    if two:  # lora_A (N, r, K0): (n, r, k); lora_B (N, K1, r): (n, r, k) = strides 0, 2, 1
+        s0 = (0, o0.stride(0), o0.stride(1), o0.stride(2))
+        s1 = (o1.stride(0), o1.stride(2), o1.stride(1))
+    else:  # (P, C, K0) with rank 1
+        s0 = (o0.stride(0), o0.stride(1), 0, o0.stride(2))
+        s1 = (0, 0, 0)
+    _wgrad_sum_kernel[(k_blocks, problems)](
+        partial, o0, o1,
+        splits, c, k0, k1, k_part,
+        *s0, *s1,
+        RANK=rank if two else 1, TWO=two, BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return outs
 
 
 _MAX_RANK_COLUMNS = 1024  # the shrink keeps all N * r columns in one tile (gate gradients need whole experts)
@@ -344,11 +439,10 @@ def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, ba
 
 def _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale):
     """The experts' share of backward: d_u = d(u * g) (T, N * r) fp32 for the caller's dx, and d_A, d_B, d_gates."""
-    n, rank, d_in = lora_A.shape
     d_u, ug, d_gates = _shrink(d_y, _b_bank(lora_B), backward=(u, indices, gates, scale))
-    d_a = weight_grad(d_u, x).view(n, rank, d_in)
-    d_b = weight_grad(ug, d_y).view(n, rank, lora_B.shape[1]).permute(0, 2, 1).contiguous()
-    return d_u, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), d_gates
+    d_a, d_b = weight_grad([(d_u, x), (ug, d_y)], [torch.empty_like(lora_A), torch.empty_like(lora_B)],
+                           lora_A.shape[1])
+    return d_u, d_a, d_b, d_gates
 
 
 def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_weight, need_d_base_input: bool,

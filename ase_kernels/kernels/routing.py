@@ -11,7 +11,8 @@ Forward, for each block of BLOCK_T tokens::
 
 Backward recomputes z (one small GEMM) rather than saving it, folds the gate and the MI-loss gradients into
 dz (BLOCK_T, N), writes dz (fp32, O(T * N)) for the router-weight gradient, and computes dx = dz @ W[task].
-The router-weight gradient dW[task] = dz^T x is :func:`ase_kernels.kernels.lowrank.weight_grad` with a task filter.
+The router-weight gradient dW[task] = dz^T x is :func:`ase_kernels.kernels.lowrank.weight_grad` over each task's
+token range (task-major ids) or with a task filter (any order).
 """
 
 import torch
@@ -136,32 +137,36 @@ def _route_bwd_kernel(
     stride_dgt, stride_dgk, stride_dxt, stride_dxd,
     # meta
     TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DGATES: tl.constexpr, HAS_DPSUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
+    """dz and dx = dz @ W[task] of one token block; an absent gate or MI-loss gradient (HAS_* False) counts as 0."""
     pid = tl.program_id(0).to(tl.int64)
     offs_t, mask_t, offs_n, mask_n, task, z = _block_logits(
         x_ptr, w_ptr, task_ptr, pid, T, D, N, NUM_TASKS,
         stride_xt, stride_xd, stride_wt, stride_wn, stride_wd, stride_task, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
 
     # MI-loss sums: every token added softmax(z) to its task's row, so dz = p * (dP - <p, dP>)
-    p = _softmax_rows(z, mask_n[None, :])
     mask_tn = mask_t[:, None] & mask_n[None, :]
-    dp = tl.load(dpsum_ptr + task[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask_tn, other=0.0)
-    dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    dz = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if HAS_DPSUM:
+        p = _softmax_rows(z, mask_n[None, :])
+        dp = tl.load(dpsum_ptr + task[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask_tn, other=0.0)
+        dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
 
     offs_j = tl.arange(0, BLOCK_KS)
     mask_j = mask_t[:, None] & (offs_j[None, :] < TOP_K + NUM_SHARED)
     idx = tl.load(idx_ptr + offs_t[:, None] * stride_it + offs_j[None, :] * stride_ik, mask=mask_j, other=-1)
     gates = tl.load(gate_ptr + offs_t[:, None] * stride_gt + offs_j[None, :] * stride_gk, mask=mask_j, other=0.0)
     dgates = tl.load(dgate_ptr + offs_t[:, None] * stride_dgt + offs_j[None, :] * stride_dgk, mask=mask_j, other=0.0)
-    if MODE == MODE_ADAPTIVE:
+    if HAS_DGATES and MODE == MODE_ADAPTIVE:
         # the k + S active logits went through one softmax: d z_a = g_a (dg_a - <g, dg>)
         d_active = gates * (dgates - tl.sum(gates * dgates, axis=1)[:, None])
         for j in tl.static_range(TOP_K + NUM_SHARED):
             col = tl.sum(tl.where(offs_j[None, :] == j, idx, 0), axis=1)
             d_j = tl.sum(tl.where(offs_j[None, :] == j, d_active, 0.0), axis=1)
             dz += tl.where(offs_n[None, :] == col[:, None], d_j[:, None], 0.0)
-    elif TOP_K > 0:
+    elif HAS_DGATES and TOP_K > 0:
         # the selected gates are entries of softmax(z_sparse); the fixed shared gates carry no gradient
         p_sp = _softmax_rows(z, (offs_n < N - NUM_SHARED)[None, :])
         dp_sp = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -221,23 +226,29 @@ def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str
     return indices, gates, partial.sum(0)
 
 
-def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k: int, num_shared: int, mode: str):
-    """Gradients of :func:`route_fwd` w.r.t. x (T, d_in) and router_weight (tasks, N, d_in), in their dtypes."""
+def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k: int, num_shared: int, mode: str,
+              task_offsets=None):
+    """Gradients of :func:`route_fwd` w.r.t. x (T, d_in) and router_weight (tasks, N, d_in), in their dtypes.
+    d_gates or d_prob_sums may be None (no gradient: zero). task_offsets (tasks + 1,) int64: ids are task-major,
+    task i owns tokens [task_offsets[i], task_offsets[i + 1]), so the router-weight gradient walks only those."""
     t, d = x.shape
     tasks, n, _ = router_weight.shape
     meta = _meta(x, n, top_k + num_shared)
-    d_gates = d_gates.to(torch.float32)
-    d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
     d_z = torch.empty(t, n, dtype=torch.float32, device=x.device)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if d_gates is not None:
+        d_gates = d_gates.to(torch.float32)
+    if d_prob_sums is not None:
+        d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
     _route_bwd_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
-        x, router_weight, task_ids, indices, gates, d_gates, d_prob_sums, d_z, d_x,
+        x, router_weight, task_ids, indices, gates, d_gates if d_gates is not None else gates,
+        d_prob_sums if d_prob_sums is not None else d_z, d_z, d_x,
         t, d, n, tasks,
         x.stride(0), x.stride(1), *router_weight.stride(), task_ids.stride(0), *indices.stride(), *gates.stride(),
-        *d_gates.stride(), *d_x.stride(),
+        *(d_gates.stride() if d_gates is not None else (0, 0)), *d_x.stride(),
         TOP_K=top_k, NUM_SHARED=num_shared, MODE=_mode(mode), PRECISION=dot_precision(x),
-        **meta,
+        HAS_DGATES=d_gates is not None, HAS_DPSUM=d_prob_sums is not None, **meta,
     )
-    d_w = weight_grad(d_z, x, tasks=tasks, task_ids=task_ids)  # (tasks, N, d_in) fp32
-    return d_x, d_w.to(router_weight.dtype)
+    (d_w,) = weight_grad([(d_z, x)], [torch.empty_like(router_weight)], task_ids=task_ids, task_offsets=task_offsets)
+    return d_x, d_w
 
