@@ -7,13 +7,14 @@ expert. Column c belongs to expert c // r; the gate of a column is rebuilt in re
 
 Forward::
 
-    u = x @ A_all^T                                    # shrink: (T, R) fp32, saved for backward
-    y = base_input @ W0^T + b + scale * (u * g) @ B_all^T   # expand: the experts are a K-extension of the base GEMM
+    u = x @ A_all^T; ug = scale * u * g                # shrink: u (T, R) fp32, saved for backward; ug in x's dtype
+    y = base_input @ W0^T + b + ug @ B_all^T           # expand: the experts are a plain 16-bit K-extension of the
+                                                       #   base GEMM (gated where u is produced, not in the GEMM)
 
 Backward (W0 is frozen: no dW0, no saved base_input)::
 
     du_g = scale * dy @ B_all; d_u = du_g * g          # shrink with a gating epilogue, which also gives
-    d_gates[t, j] = sum_{c in expert j} u * du_g       #   the gate gradients and ug = scale * u * g
+    d_gates[t, j] = sum_{c in expert j} u * du_g       #   the gate gradients and ug = scale * u * g (x's dtype)
     dx = d_u @ A_all (+ dy @ W0 when x is base_input)  # expand
     dA = d_u^T x;  dB = dy^T ug                        # weight_grad: token reductions cut into splits, one launch
                                                        #   for both, and one that adds the splits
@@ -60,10 +61,11 @@ def _shrink_kernel(
     RANK: tl.constexpr, KS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[t, c] = sum_k inp[t, k] W[c // r, c % r, k] over all R columns at once (BLOCK_R >= R).
+    """acc[t, c] = sum_k inp[t, k] W[c // r, c % r, k] over all R columns at once (BLOCK_R >= R), and a gating
+    epilogue: ug = scale * u * g in ug's (16-bit) dtype, so that the GEMMs that consume it need no gating.
 
-    Forward: out = u. Backward (inp = dy, W = B): out = d_u = scale * acc * g, ug = scale * u * g, and the gate
-    gradients, which need whole experts in one program: hence one R block.
+    Forward (inp = x, W = A): out = u = acc in fp32. Backward (inp = dy, W = B): out = d_u = scale * acc * g and
+    the gate gradients, which need whole experts in one program: hence one R block.
     """
     pid = tl.program_id(0).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -82,15 +84,18 @@ def _shrink_kernel(
 
     mask_tc = mask_t[:, None] & mask_c[None, :]
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc
+    g = _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
+                     RANK, KS, BLOCK_T, BLOCK_R)
     if not BACKWARD:
-        tl.store(out_ptrs, acc, mask=mask_tc)
+        u = acc
+        tl.store(out_ptrs, u, mask=mask_tc)
     else:
-        g = _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
-                         RANK, KS, BLOCK_T, BLOCK_R)
-        du_g = acc * scale
         u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_c[None, :] * stride_uc, mask=mask_tc, other=0.0)
-        tl.store(out_ptrs, du_g * g, mask=mask_tc)
-        tl.store(ug_ptr + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc, u * g * scale, mask=mask_tc)
+        du_g = acc * scale
+        tl.store(out_ptrs, (du_g * g).to(out_ptr.dtype.element_ty), mask=mask_tc)
+    tl.store(ug_ptr + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc,
+             (u * g * scale).to(ug_ptr.dtype.element_ty), mask=mask_tc)
+    if BACKWARD:
         prod = u * du_g
         expert = offs_c // RANK
         for j in tl.static_range(KS):
@@ -121,12 +126,12 @@ def _expand_configs():
     # Keyed on (D_OUT, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
     if interpreting():
         return [triton.Config(dict(BLOCK_T=32, BLOCK_O=64, BLOCK_K=64), num_warps=1, num_stages=1)]
+    # No configuration may spill registers (tests/test_kernels_compile.py holds this for sm_90). 128x256x64 with
+    # 8 warps and 128x128x32 with 4 warps were dropped: their GELU epilogues spill 180-1,224 bytes per thread.
     configs = [
         triton.Config(dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=64), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_T=128, BLOCK_O=256, BLOCK_K=64), num_warps=8, num_stages=3),
         triton.Config(dict(BLOCK_T=64, BLOCK_O=128, BLOCK_K=64), num_warps=4, num_stages=4),
         triton.Config(dict(BLOCK_T=128, BLOCK_O=64, BLOCK_K=64), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=32), num_warps=4, num_stages=4),
     ]
     return configs[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else configs
 
@@ -135,23 +140,23 @@ def _expand_configs():
 @triton.jit
 def _expand_kernel(
     # pointers
-    p_ptr, q_ptr, bias_ptr, v_ptr, idx_ptr, gate_ptr, l_ptr, pre_ptr, out_ptr,
+    p_ptr, q_ptr, bias_ptr, v_ptr, l_ptr, pre_ptr, out_ptr,
     # sizes
     T, D_OUT, K, R,
     # strides
-    stride_pt, stride_pk, stride_qo, stride_qk, stride_vt, stride_vc, stride_it, stride_ik, stride_gt, stride_gk,
-    stride_ln, stride_lr, stride_lo, stride_ot, stride_oo,
-    scale,
+    stride_pt, stride_pk, stride_qo, stride_qk, stride_vt, stride_vc, stride_ln, stride_lr, stride_lo,
+    stride_ot, stride_oo,
     # meta
-    RANK: tl.constexpr, KS: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    RANK: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXPERTS: tl.constexpr,
     ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
 ):
-    """a[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + scale * sum_c V[t, c] g[t, c] L[c // r, c % r, o], then
-    out = a (ACT_NONE), out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD).
+    """a[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + sum_c V[t, c] L[c // r, c % r, o], then out = a (ACT_NONE),
+    out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD).
 
     The expert sum is a K-extension of R columns after the base GEMM, so a frozen Linear plus its experts is one
-    pass over the output tile. V is fp32 and L is upcast: the extension runs in tf32 (16-bit inputs) or ieee.
+    pass over the output tile. V (already gated and scaled by the shrink) and L share P's dtype: the extension
+    is the same plain tile as the base GEMM's, with no gating logic in this kernel's registers.
     The GELU epilogues spare the FFN a separate elementwise pass over its (T, 4d) hidden activations.
     pre has out's shape and strides.
     """
@@ -179,17 +184,15 @@ def _expand_kernel(
             q = tl.load(q_ptr + offs_o[None, :] * stride_qo + offs_k[:, None] * stride_qk,
                         mask=mask_o[None, :] & mask_k[:, None], other=0.0)
             acc = tl.dot(p, q, acc, input_precision=PRECISION)
-    for c0 in range(0, R, BLOCK_R):
-        offs_c = c0 + tl.arange(0, BLOCK_R)
-        mask_c = offs_c < R
-        v = tl.load(v_ptr + offs_t[:, None] * stride_vt + offs_c[None, :] * stride_vc,
-                    mask=mask_t[:, None] & mask_c[None, :], other=0.0)
-        if GATED:
-            v *= _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik, stride_gt, stride_gk,
-                              RANK, KS, BLOCK_T, BLOCK_R)
-        w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
-                    + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
-        acc = tl.dot(v * scale, w.to(tl.float32), acc, input_precision=PRECISION)
+    if HAS_EXPERTS:
+        for c0 in range(0, R, BLOCK_R):
+            offs_c = c0 + tl.arange(0, BLOCK_R)
+            mask_c = offs_c < R
+            v = tl.load(v_ptr + offs_t[:, None] * stride_vt + offs_c[None, :] * stride_vc,
+                        mask=mask_t[:, None] & mask_c[None, :], other=0.0)
+            w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
+                        + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+            acc = tl.dot(v, w.to(v.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
     mask_to = mask_t[:, None] & mask_o[None, :]
@@ -361,44 +364,40 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
 _MAX_RANK_COLUMNS = 1024  # the shrink keeps all N * r columns in one tile (gate gradients need whole experts)
 
 
-def _shrink(inp, bank, backward=None):
-    """inp (T, K) times every rank column of an expert bank viewed as (N, r, K): (T, N * r) fp32. backward =
-    (u, indices, gates, scale) adds the gating epilogue and returns (d_u, ug, d_gates)."""
+def _shrink(inp, bank, gating, backward=None):
+    """inp (T, K) times every rank column of an expert bank viewed as (N, r, K), with the gating epilogue of
+    gating = (indices, gates, scale). Forward: returns u (T, N * r) fp32 and ug = scale * u * g in inp's dtype.
+    backward = u: returns d_u and ug in inp's dtype, and d_gates (T, k + S) fp32."""
     t, k = inp.shape
     n, rank, _ = bank.shape
     r_cols = n * rank
     if r_cols > _MAX_RANK_COLUMNS:
         raise ValueError(f"lora_A: N * r = {r_cols} rank columns is more than the kernels' {_MAX_RANK_COLUMNS}")
+    idx, gates, scale = gating
+    ks = idx.shape[1]
     cfg = launch_config("shrink", inp)
-    out = torch.empty(t, r_cols, dtype=torch.float32, device=inp.device)
-    if backward is None:
-        u = idx = gates = ug = d_gates = out
-        ks, scale = 1, 1.0
-        idx_strides = gate_strides = dg_strides = (0, 0)
-    else:
-        u, idx, gates, scale = backward
-        ks = idx.shape[1]
-        ug = torch.empty_like(out)
-        d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device)
-        idx_strides, gate_strides, dg_strides = idx.stride(), gates.stride(), d_gates.stride()
+    out = torch.empty(t, r_cols, dtype=torch.float32 if backward is None else inp.dtype, device=inp.device)
+    ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
+    u = out if backward is None else backward
+    d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device) if backward is not None else out
     _shrink_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
         inp, bank, out, u, idx, gates, ug, d_gates,
         t, k, r_cols,
-        *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx_strides, *gate_strides, *dg_strides,
+        *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx.stride(), *gates.stride(),
+        *(d_gates.stride() if backward is not None else (0, 0)),
         scale,
         RANK=rank, KS=ks, BACKWARD=backward is not None, PRECISION=dot_precision(inp),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
     )
-    return out if backward is None else (out, ug, d_gates)
+    return (out, ug) if backward is None else (out, ug, d_gates)
 
 
-def _expand(out, v, bank, scale, gating=None, base=None, bias=None, act=None, pre=None):
-    """out (T, D_OUT) = act([P @ Q^T] + bias + scale * (v [* g]) @ L_all^T), with the expert bank L viewed as
-    (N, r, D_OUT), v (T, R) fp32 (R = 0: no experts), base = (P, Q, stride_qo, stride_qk); act None, "gelu"
+def _expand(out, v, bank, base=None, bias=None, act=None, pre=None):
+    """out (T, D_OUT) = act([P @ Q^T] + bias + v @ L_all^T), with the expert bank L viewed as (N, r, D_OUT) and
+    v (T, R) in out's dtype (R = 0: no experts), base = (P, Q, stride_qo, stride_qk); act None, "gelu"
     (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
     t, o = out.shape
     r_cols = v.shape[1]
-    idx, gates = gating if gating is not None else (v, v)
     p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
     k = p.shape[1] if base is not None else 0
 
@@ -406,13 +405,11 @@ def _expand(out, v, bank, scale, gating=None, base=None, bias=None, act=None, pr
         return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
 
     _expand_kernel[grid](
-        p, q, bias if bias is not None else v, v, idx, gates, bank, pre if pre is not None else out, out,
+        p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
         t, o, k, r_cols,
-        *p.stride(), stride_qo, stride_qk, *v.stride(), *idx.stride(), *gates.stride(), *bank.stride(), *out.stride(),
-        scale,
-        RANK=bank.shape[1], KS=idx.shape[1] if gating is not None else 1, HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None, GATED=gating is not None, ACTIVATION=_ACTIVATIONS[act],
-        PRECISION=dot_precision(out),
+        *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride(),
+        RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
+        ACTIVATION=_ACTIVATIONS[act], PRECISION=dot_precision(out),
         BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
     )
     return out
@@ -428,18 +425,19 @@ def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, ba
 
     Returns y (T, d_out) in x's dtype and u = x A_all^T (T, N * r) fp32.
     """
-    u = _shrink(x, lora_A)
+    u, ug = _shrink(x, lora_A, (indices, gates, scale))
     y = torch.empty(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
     base = None
     if base_weight is not None:
         base = (base_input, base_weight, base_weight.stride(0), base_weight.stride(1))
-    _expand(y, u, _b_bank(lora_B), scale, gating=(indices, gates), base=base, bias=base_bias)
+    _expand(y, ug, _b_bank(lora_B), base=base, bias=base_bias)
     return y, u
 
 
 def _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale):
-    """The experts' share of backward: d_u = d(u * g) (T, N * r) fp32 for the caller's dx, and d_A, d_B, d_gates."""
-    d_u, ug, d_gates = _shrink(d_y, _b_bank(lora_B), backward=(u, indices, gates, scale))
+    """The experts' share of backward: d_u = d(u * g) (T, N * r) in d_y's dtype for the caller's dx, and d_A, d_B,
+    d_gates."""
+    d_u, ug, d_gates = _shrink(d_y, _b_bank(lora_B), (indices, gates, scale), backward=u)
     d_a, d_b = weight_grad([(d_u, x), (ug, d_y)], [torch.empty_like(lora_A), torch.empty_like(lora_B)],
                            lora_A.shape[1])
     return d_u, d_a, d_b, d_gates
@@ -454,7 +452,7 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     base = (d_y, base_weight, base_weight.stride(1), base_weight.stride(0)) if fuse_base else None
-    _expand(d_x, d_u, lora_A, 1.0, base=base)
+    _expand(d_x, d_u, lora_A, base=base)
     d_base_input = None
     if need_d_base_input and not fuse_base:
         d_base_input = d_y @ base_weight  # a plain frozen-weight GEMM: cuBLAS
@@ -468,14 +466,12 @@ def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora
     lora_B: (N, d_out, r). Returns y (T, d_out), u (T, N * r) fp32 and h_pre = fc1(x) (T, hidden), saved for the
     GELU gradient. Three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts.
     """
-    u = _shrink(x, lora_A)
+    u, ug = _shrink(x, lora_A, (indices, gates, scale))
     h_pre = torch.empty(x.shape[0], fc1_weight.shape[0], dtype=x.dtype, device=x.device)
     h = torch.empty_like(h_pre)
-    _expand(h, u[:, :0], lora_A, 1.0, base=(x, fc1_weight, *fc1_weight.stride()), bias=fc1_bias, act="gelu",
-            pre=h_pre)
+    _expand(h, ug[:, :0], lora_A, base=(x, fc1_weight, *fc1_weight.stride()), bias=fc1_bias, act="gelu", pre=h_pre)
     y = torch.empty(x.shape[0], lora_B.shape[1], dtype=x.dtype, device=x.device)
-    _expand(y, u, _b_bank(lora_B), scale, gating=(indices, gates), base=(h, fc2_weight, *fc2_weight.stride()),
-            bias=fc2_bias)
+    _expand(y, ug, _b_bank(lora_B), base=(h, fc2_weight, *fc2_weight.stride()), bias=fc2_bias)
     return y, u, h_pre
 
 
@@ -485,8 +481,8 @@ def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, ga
     in fc1's backward GEMM as a K-extension."""
     d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
     d_h_pre = torch.empty_like(h_pre)
-    _expand(d_h_pre, d_u[:, :0], lora_A, 1.0, base=(d_y, fc2_weight, fc2_weight.stride(1), fc2_weight.stride(0)),
+    _expand(d_h_pre, d_u[:, :0], lora_A, base=(d_y, fc2_weight, fc2_weight.stride(1), fc2_weight.stride(0)),
             act="gelu_grad", pre=h_pre)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _expand(d_x, d_u, lora_A, 1.0, base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
+    _expand(d_x, d_u, lora_A, base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
     return d_x, d_a, d_b, d_gates, d_h_pre
