@@ -2,7 +2,8 @@
 
 Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a registered autograd formula whose
 backward is itself a custom op, so ``torch.compile(fullgraph=True)`` and CUDA graphs see two opaque nodes and no
-host synchronisation. Backends (``ASE_KERNELS_BACKEND`` forces one):
+host synchronisation. Eager calls run the same functions as a plain ``autograd.Function``, which costs less host
+time than the custom-op dispatcher. Backends (``ASE_KERNELS_BACKEND`` forces one):
 
 - ``triton``: the kernels of :mod:`ase_kernels.kernels`; the default for CUDA tensors (CPU tensors run them
   under ``TRITON_INTERPRET=1``);
@@ -80,16 +81,43 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def _autograd_op(op, fn, setup_context, grad):
+    """Call op when tracing (torch.compile, or tensor subclasses such as fake tensors: one opaque node) and, for
+    plain eager tensors, the same forward, setup and backward as an autograd.Function: the custom-op dispatcher
+    and its autograd wrapper cost more host time per call than the kernel launches they wrap."""
+
+    def eager_setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.eager = True  # backward then calls the plain backward function, not its custom op
+
+    function = type(f"{fn.__name__}_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(fn), setup_context=staticmethod(eager_setup), backward=staticmethod(grad)))
+
+    def call(*args):
+        if torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
+            return op(*args)
+        return function.apply(*args)
+
+    return call
+
+
+def _backward_op(ctx, op, fn, *args):
+    """The backward custom op op, or its plain function fn in the eager autograd.Function (see _autograd_op)."""
+    return fn(*args) if getattr(ctx, "eager", False) else op(*args)
+
+
 # ------------------------------------------------------------------------------------------------------ route
 
 
-@torch.library.custom_op("ase_kernels::route", mutates_args=())
-def _route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor, top_k: int, num_shared: int,
-           mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _route_fn(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor, top_k: int, num_shared: int,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
         indices, gates, prob_sums = _impl(x).route_fwd(x, router_weight, task_ids, top_k, num_shared, mode)
     # float outputs first: opcheck's autograd test sums the outputs in order, and an int64 first one breaks it
     return gates, prob_sums, indices
+
+
+_route = torch.library.custom_op("ase_kernels::route", _route_fn, mutates_args=())
 
 
 @_route.register_fake
@@ -100,14 +128,16 @@ def _(x, router_weight, task_ids, top_k, num_shared, mode):
             x.new_empty(x.shape[0], ks, dtype=torch.int64))
 
 
-@torch.library.custom_op("ase_kernels::route_backward", mutates_args=())
-def _route_backward(d_gates: torch.Tensor | None, d_prob_sums: torch.Tensor | None, x: torch.Tensor,
-                    router_weight: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
-                    top_k: int, num_shared: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_backward_fn(d_gates: torch.Tensor | None, d_prob_sums: torch.Tensor | None, x: torch.Tensor,
+                       router_weight: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                       top_k: int, num_shared: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     # an absent gradient (None: autograd does not materialise zeros) counts as zero
     with _no_autocast(x):
         return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
                                         num_shared, mode, task_offsets=task_offsets(task_ids)))
+
+
+_route_backward = torch.library.custom_op("ase_kernels::route_backward", _route_backward_fn, mutates_args=())
 
 
 @_route_backward.register_fake
@@ -130,11 +160,13 @@ def _route_grad(ctx, d_gates, d_prob_sums, d_indices):
     if d_gates is None and d_prob_sums is None:
         return None, None, None, None, None, None
     x, router_weight, task_ids, indices, gates = ctx.saved_tensors
-    d_x, d_w = _route_backward(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, *ctx.config)
+    d_x, d_w = _backward_op(ctx, _route_backward, _route_backward_fn, d_gates, d_prob_sums, x, router_weight, task_ids,
+                            indices, gates, *ctx.config)
     return d_x, d_w, None, None, None, None
 
 
 _route.register_autograd(_route_grad, setup_context=_route_setup)
+_route_call = _autograd_op(_route, _route_fn, _route_setup, _route_grad)
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor | None = None, *, top_k: int,
@@ -171,20 +203,22 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
         ks, gdt = top_k + num_shared, _gate_dtype(x)
         return Routing(x2.new_empty(0, ks, dtype=torch.int64), x2.new_empty(0, ks, dtype=gdt),
                        (router_weight.sum(-1) * 0).to(gdt))
-    gates, prob_sums, indices = _route(x2, router_weight, ids, top_k, num_shared, mode)
+    gates, prob_sums, indices = _route_call(x2, router_weight, ids, top_k, num_shared, mode)
     return Routing(indices, gates, prob_sums)
 
 
 # --------------------------------------------------------------------------------------------------- moe_lora
 
 
-@torch.library.custom_op("ase_kernels::moe_lora", mutates_args=())
-def _moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
-              gates: torch.Tensor, scale: float, base_input: torch.Tensor | None, base_weight: torch.Tensor | None,
-              base_bias: torch.Tensor | None, base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _moe_lora_fn(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
+                 gates: torch.Tensor, scale: float, base_input: torch.Tensor | None, base_weight: torch.Tensor | None,
+                 base_bias: torch.Tensor | None, base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
         return tuple(_impl(x).moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale,
                                            x if base_is_x else base_input, base_weight, base_bias))
+
+
+_moe_lora = torch.library.custom_op("ase_kernels::moe_lora", _moe_lora_fn, mutates_args=())
 
 
 @_moe_lora.register_fake
@@ -193,16 +227,20 @@ def _(x, lora_A, lora_B, indices, gates, scale, base_input, base_weight, base_bi
     return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], n * rank, dtype=_gate_dtype(x))
 
 
-@torch.library.custom_op("ase_kernels::moe_lora_backward", mutates_args=())
-def _moe_lora_backward(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                       indices: torch.Tensor, gates: torch.Tensor, u: torch.Tensor, scale: float,
-                       base_weight: torch.Tensor | None, need_d_base_input: bool,
-                       base_is_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_lora_backward_fn(d_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          indices: torch.Tensor, gates: torch.Tensor, u: torch.Tensor, scale: float,
+                          base_weight: torch.Tensor | None, need_d_base_input: bool,
+                          base_is_x: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
         d_x, d_a, d_b, d_g, d_base = _impl(x).moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale,
                                                            base_weight, need_d_base_input, fuse_base=base_is_x)
     # a custom op returns tensors only: an absent base-input gradient is an empty tensor
     return d_x, d_a, d_b, d_g, d_base if d_base is not None else x.new_empty(0)
+
+
+_moe_lora_backward = torch.library.custom_op("ase_kernels::moe_lora_backward", _moe_lora_backward_fn,
+                                             mutates_args=())
 
 
 @_moe_lora_backward.register_fake
@@ -232,8 +270,9 @@ def _moe_lora_grad(ctx, d_y, d_u):
     if d_y is None:
         return (None,) * 10
     x, lora_A, lora_B, indices, gates, u, base_weight, base_input = ctx.saved_tensors
-    d_x, d_a, d_b, d_g, d_base = _moe_lora_backward(d_y, x, lora_A, lora_B, indices, gates, u, ctx.scale,
-                                                    base_weight, ctx.need_d_base_input, ctx.base_is_x)
+    d_x, d_a, d_b, d_g, d_base = _backward_op(ctx, _moe_lora_backward, _moe_lora_backward_fn, d_y, x, lora_A, lora_B,
+                                              indices, gates, u, ctx.scale, base_weight, ctx.need_d_base_input,
+                                              ctx.base_is_x)
     # the frozen-base path; kept for completeness when a user does train W0 or its bias
     d_w0 = (d_y.T @ base_input).to(base_weight.dtype) if base_input is not None else None
     d_bias = d_y.sum(0) if ctx.bias_trains else None
@@ -241,6 +280,7 @@ def _moe_lora_grad(ctx, d_y, d_u):
 
 
 _moe_lora.register_autograd(_moe_lora_grad, setup_context=_moe_lora_setup)
+_moe_lora_call = _autograd_op(_moe_lora, _moe_lora_fn, _moe_lora_setup, _moe_lora_grad)
 
 
 def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routing: Routing, scale: float = 1.0,
@@ -282,7 +322,7 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, d_out)
     base2 = None if base_input is None or same else base_input.reshape(-1, base_input.shape[-1])
-    y, _ = _moe_lora(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
+    y, _ = _moe_lora_call(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
                      base_bias, same)
     return y.reshape(*lead, d_out)
 
@@ -290,13 +330,15 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
 # ----------------------------------------------------------------------------------------------- moe_lora_ffn
 
 
-@torch.library.custom_op("ase_kernels::moe_lora_ffn", mutates_args=())
-def _moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
-                  fc2_bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
-                  gates: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_lora_ffn_fn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+                     fc2_bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
+                     gates: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
         return tuple(_impl(x).moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B,
                                                indices, gates, scale))
+
+
+_moe_lora_ffn = torch.library.custom_op("ase_kernels::moe_lora_ffn", _moe_lora_ffn_fn, mutates_args=())
 
 
 @_moe_lora_ffn.register_fake
@@ -306,14 +348,17 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, ga
             x.new_empty(x.shape[0], fc1_weight.shape[0]))
 
 
-@torch.library.custom_op("ase_kernels::moe_lora_ffn_backward", mutates_args=())
-def _moe_lora_ffn_backward(d_y: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
-                           lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
-                           u: torch.Tensor, h_pre: torch.Tensor, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_lora_ffn_backward_fn(d_y: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+                              lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                              u: torch.Tensor, h_pre: torch.Tensor, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _no_autocast(x):
         return tuple(_impl(x).moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u,
                                                h_pre, scale))
+
+
+_moe_lora_ffn_backward = torch.library.custom_op("ase_kernels::moe_lora_ffn_backward", _moe_lora_ffn_backward_fn,
+                                                 mutates_args=())
 
 
 @_moe_lora_ffn_backward.register_fake
@@ -339,8 +384,9 @@ def _moe_lora_ffn_grad(ctx, d_y, d_u, d_h_pre_out):
     if d_y is None:
         return (None,) * 10
     x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre = ctx.saved_tensors
-    d_x, d_a, d_b, d_g, d_h_pre = _moe_lora_ffn_backward(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices,
-                                                         gates, u, h_pre, ctx.scale)
+    d_x, d_a, d_b, d_g, d_h_pre = _backward_op(ctx, _moe_lora_ffn_backward, _moe_lora_ffn_backward_fn, d_y, x,
+                                               fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre,
+                                               ctx.scale)
     w1, b1, w2, b2 = ctx.trains  # the frozen-base path leaves these None; kept for a user who trains fc1/fc2
     d_w1 = d_h_pre.T @ x if w1 else None
     d_b1 = d_h_pre.sum(0) if b1 else None
@@ -350,6 +396,7 @@ def _moe_lora_ffn_grad(ctx, d_y, d_u, d_h_pre_out):
 
 
 _moe_lora_ffn.register_autograd(_moe_lora_ffn_grad, setup_context=_moe_lora_ffn_setup)
+_moe_lora_ffn_call = _autograd_op(_moe_lora_ffn, _moe_lora_ffn_fn, _moe_lora_ffn_setup, _moe_lora_ffn_grad)
 
 
 def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
@@ -386,7 +433,7 @@ def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tens
     d_out = fc2_weight.shape[0]
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, d_out)
-    y, _, _ = _moe_lora_ffn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing.indices,
+    y, _, _ = _moe_lora_ffn_call(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing.indices,
                             routing.gates, float(scale))
     return y.reshape(*lead, d_out)
 
