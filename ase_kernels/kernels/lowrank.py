@@ -48,6 +48,21 @@ def _dense_gates(idx_ptr, gate_ptr, offs_t, mask_t, offs_c, stride_it, stride_ik
 
 
 @triton.jit
+def _packed_bank_tile(l_ptr, c0, o0, R, D_OUT, stride_ln,
+                      RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Rank columns c0 .. c0 + BLOCK_R and outputs o0 .. o0 + BLOCK_O of a bank stored as lora_B, (N, D_OUT, RANK)
+    with (o, j) contiguous: a (BLOCK_R, BLOCK_O) tile. Each expert's BLOCK_O * RANK values are one contiguous run,
+    read with wide (128-bit) loads and reordered in registers, instead of 16-bit gathers with stride RANK."""
+    NB: tl.constexpr = BLOCK_R // RANK
+    offs_n = c0 // RANK + tl.arange(0, NB)
+    offs_f = o0 * RANK + tl.arange(0, BLOCK_O * RANK)
+    w = tl.load(l_ptr + offs_n[:, None] * stride_ln + offs_f[None, :],
+                mask=(offs_n * RANK < R)[:, None] & (offs_f < D_OUT * RANK)[None, :], other=0.0)
+    w = tl.permute(tl.reshape(w, (NB, BLOCK_O, RANK)), (0, 2, 1))
+    return tl.reshape(w, (BLOCK_R, BLOCK_O))
+
+
+@triton.jit
 def _shrink_kernel(
     # pointers
     inp_ptr, w_ptr, out_ptr, u_ptr, idx_ptr, gate_ptr, ug_ptr, dgate_ptr,
@@ -58,7 +73,7 @@ def _shrink_kernel(
     stride_it, stride_ik, stride_gt, stride_gk, stride_dgt, stride_dgk,
     scale,
     # meta
-    RANK: tl.constexpr, KS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+    RANK: tl.constexpr, KS: tl.constexpr, BACKWARD: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """acc[t, c] = sum_k inp[t, k] W[c // r, c % r, k] over all R columns at once (BLOCK_R >= R), and a gating
@@ -79,7 +94,11 @@ def _shrink_kernel(
         mask_k = offs_k < K
         a = tl.load(inp_ptr + offs_t[:, None] * stride_pt + offs_k[None, :] * stride_pk,
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_cols[None, :] + offs_k[:, None] * stride_wk, mask=mask_c[None, :] & mask_k[:, None], other=0.0)
+        if PACKED:  # W is lora_B (N, K, r): see _packed_bank_tile
+            w = tl.trans(_packed_bank_tile(w_ptr, 0, k0, R, K, stride_wn, RANK, BLOCK_R, BLOCK_K))
+        else:
+            w = tl.load(w_cols[None, :] + offs_k[:, None] * stride_wk, mask=mask_c[None, :] & mask_k[:, None],
+                        other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     mask_tc = mask_t[:, None] & mask_c[None, :]
@@ -148,8 +167,8 @@ def _expand_kernel(
     stride_ot, stride_oo,
     # meta
     RANK: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXPERTS: tl.constexpr,
-    ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
+    PACKED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """a[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + sum_c V[t, c] L[c // r, c % r, o], then out = a (ACT_NONE),
     out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD).
@@ -190,8 +209,11 @@ def _expand_kernel(
             mask_c = offs_c < R
             v = tl.load(v_ptr + offs_t[:, None] * stride_vt + offs_c[None, :] * stride_vc,
                         mask=mask_t[:, None] & mask_c[None, :], other=0.0)
-            w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
-                        + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+            if PACKED:  # L is lora_B (N, D_OUT, r): see _packed_bank_tile
+                w = _packed_bank_tile(l_ptr, c0, pid_o * BLOCK_O, R, D_OUT, stride_ln, RANK, BLOCK_R, BLOCK_O)
+            else:
+                w = tl.load(l_ptr + ((offs_c // RANK) * stride_ln + (offs_c % RANK) * stride_lr)[:, None]
+                            + offs_o[None, :] * stride_lo, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
             acc = tl.dot(v, w.to(v.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
@@ -386,7 +408,8 @@ def _shrink(inp, bank, gating, backward=None):
         *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx.stride(), *gates.stride(),
         *(d_gates.stride() if backward is not None else (0, 0)),
         scale,
-        RANK=rank, KS=ks, BACKWARD=backward is not None, PRECISION=dot_precision(inp),
+        RANK=rank, KS=ks, BACKWARD=backward is not None, PACKED=_packed(bank, next_block(r_cols)),
+        PRECISION=dot_precision(inp),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
     )
     return (out, ug) if backward is None else (out, ug, d_gates)
@@ -409,10 +432,17 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None):
         t, o, k, r_cols,
         *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride(),
         RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
-        ACTIVATION=_ACTIVATIONS[act], PRECISION=dot_precision(out),
+        PACKED=_packed(bank, min(64, next_block(r_cols))), ACTIVATION=_ACTIVATIONS[act], PRECISION=dot_precision(out),
         BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
     )
     return out
+
+
+def _packed(bank: torch.Tensor, block_r: int) -> bool:
+    """bank (N, r, d) is a view of a (N, d, r) tensor with (d, r) contiguous and r a power of two <= block_r: the
+    kernels then read each expert's rows as one contiguous run (_packed_bank_tile)."""
+    rank = bank.shape[1]
+    return bank.stride(1) == 1 and bank.stride(2) == rank and rank & (rank - 1) == 0 and rank <= block_r
 
 
 def _b_bank(lora_B: torch.Tensor) -> torch.Tensor:
