@@ -88,19 +88,22 @@ def compile_all(target: int, dtype: str, all_configs: bool) -> list[str]:
                                                                  BLOCK_R=64), target,
                              ones=shrink_ones + (("stride_wr",) if backward else ("stride_wk",)),
                              odd=("stride_wk",) if backward else (), fp32=() if backward else ("out_ptr",)))
-    # (base GEMM, experts, epilogue, unit strides, odd strides): fc2 + experts (lora_B, packed), the experts-only
-    # dx, fc1 + GELU, fc2's dx with GELU's gradient (fc2 weight transposed), fc1's dx + experts (lora_A)
+    # (base GEMM, experts, epilogue, unit strides, odd strides, accumulate): fc2 + experts (lora_B, packed), the
+    # experts-only dx, fc1 + GELU, fc2's dx with GELU's gradient (fc2 weight transposed), fc1's dx + experts
+    # (lora_A), and the cuBLAS path's experts added to a GEMM's output (lora_B, packed)
     variants = (
-        (True, True, None, ("stride_pk", "stride_qk", "stride_vc", "stride_lr", "stride_oo"), ("stride_lo",)),
-        (False, True, None, ("stride_vc", "stride_lo", "stride_oo"), ()),
-        (True, False, "gelu", ("stride_pk", "stride_qk", "stride_vc", "stride_lo", "stride_oo"), ()),
-        (True, False, "gelu_grad", ("stride_pk", "stride_qo", "stride_vc", "stride_lo", "stride_oo"), ()),
-        (True, True, None, ("stride_pk", "stride_qo", "stride_vc", "stride_lo", "stride_oo"), ()),
+        (True, True, None, ("stride_pk", "stride_qk", "stride_vc", "stride_lr", "stride_oo"), ("stride_lo",), False),
+        (False, True, None, ("stride_vc", "stride_lo", "stride_oo"), (), False),
+        (True, False, "gelu", ("stride_pk", "stride_qk", "stride_vc", "stride_lo", "stride_oo"), (), False),
+        (True, False, "gelu_grad", ("stride_pk", "stride_qo", "stride_vc", "stride_lo", "stride_oo"), (), False),
+        (True, True, None, ("stride_pk", "stride_qo", "stride_vc", "stride_lo", "stride_oo"), (), False),
+        (False, True, None, ("stride_vc", "stride_lr", "stride_oo"), ("stride_lo",), True),
     )
-    for has_base, experts, act, ones, odd in variants:
+    for has_base, experts, act, ones, odd, accumulate in variants:
         for config in lowrank._expand_kernel.configs[: None if all_configs else 1]:
             constexprs = dict(RANK=2, HAS_BASE=has_base, HAS_BIAS=has_base and act != "gelu_grad",
-                              HAS_EXPERTS=experts, PACKED="stride_lr" in ones, PRECISION=precision,
+                              HAS_EXPERTS=experts, PACKED="stride_lr" in ones, ACCUMULATE=accumulate,
+                              PRECISION=precision,
                               ACTIVATION=lowrank._ACTIVATIONS[act], BLOCK_R=64, GROUP_T=8, **config.kwargs)
             done.append(_compile(lowrank._expand_kernel.fn, dtype, constexprs, target, ones=ones, odd=odd,
                                  num_warps=config.num_warps, num_stages=config.num_stages))
@@ -132,13 +135,13 @@ def test_every_kernel_compiles(target, dtype, all_configs):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"compile for sm_{target} {dtype} failed:\n{proc.stderr[-4000:]}"
     compiled = proc.stdout.split()
-    assert len(compiled) == 4 + 2 + 5 * (3 if all_configs else 1) + 3 + 2, f"unexpected kernel count: {compiled}"
+    assert len(compiled) == 4 + 2 + 6 * (3 if all_configs else 1) + 3 + 2, f"unexpected kernel count: {compiled}"
     if all_configs:
         spilling = [c for c in compiled if c.split(":")[1] != "0"]
         assert not spilling, f"register spills (kernel:bytes per thread:...) at sm_{target} {dtype}: {spilling}"
         packed = [c for c in compiled if "[packed]" in c]
         # a gathered lora_B tile costs 32 scalar 16-bit loads per thread here; one may remain for the bias row
-        assert len(packed) == 1 + 3 and all(int(c.split(":")[2]) <= 1 for c in packed), \
+        assert len(packed) == 1 + 2 * 3 and all(int(c.split(":")[2]) <= 1 for c in packed), \
             f"16-bit gathers of lora_B (kernel:spills:16-bit loads): {packed}"
 
 

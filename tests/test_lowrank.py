@@ -148,3 +148,45 @@ def test_moe_lora_ffn_matches_reference(backend, config, dtype):
 @pytest.mark.parametrize("tokens", [1, 33, 130], ids=lambda t: f"T{t}")
 def test_moe_lora_ffn_token_counts_and_trainable_fc(backend, tokens):
     check_moe_lora_ffn(tokens, 20, 72, 28, (32, 6, 2, 2), torch.float32, train_fc=True)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[3]])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 37], ids=lambda t: f"T{t}")
+def test_moe_lora_ffn_cublas_path_matches_reference(monkeypatch, config, dtype, tokens):
+    """The hedge: frozen GEMMs through torch.matmul (cuBLAS on a GPU), experts and GELU in small kernels around."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
+    check_moe_lora_ffn(tokens, 24, 96, 24, config, dtype)
+
+
+def test_moe_lora_ffn_cublas_path_trains_fc(monkeypatch):
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
+    check_moe_lora_ffn(33, 20, 72, 28, (32, 6, 2, 2), torch.float32, train_fc=True)
+
+
+def test_ffn_path_is_measured_once_per_shape_and_can_be_forced(monkeypatch):
+    from ase_kernels.kernels import lowrank
+
+    monkeypatch.delenv("ASE_KERNELS_FFN", raising=False)
+    monkeypatch.setattr(lowrank, "_ffn_choice", {})
+    x = torch.zeros(4, 8)
+    times = {"fused": 2.0, "cublas": 1.0}
+    measured = []
+
+    def measure(run):
+        measured.append(run())
+        return times[measured[-1]]
+
+    runs = {p: (lambda p=p: p) for p in lowrank.FFN_PATHS}
+    assert lowrank.ffn_path(("fwd", 1), runs, x, measure) == "cublas"
+    assert lowrank.ffn_path(("fwd", 1), runs, x, measure) == "cublas" and len(measured) == 2, "measured again"
+    times.update(fused=0.5)
+    assert lowrank.ffn_path(("fwd", 2), runs, x, measure) == "fused"
+    assert lowrank.ffn_path(("bwd", 3), runs, x) == "fused", "CPU tensors are not measured: the fused path"
+    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
+    assert lowrank.ffn_path(("fwd", 2), runs, x, measure) == "cublas"
+    monkeypatch.setenv("ASE_KERNELS_FFN", "cuda")
+    with pytest.raises(ValueError, match="ASE_KERNELS_FFN must be one of"):
+        lowrank.ffn_path(("fwd", 2), runs, x, measure)

@@ -21,9 +21,11 @@ Backward (W0 is frozen: no dW0, no saved base_input)::
 
 The ASE FFN (experts on the FFN input, added to its output) fuses further: fc1's bias and GELU ride in its GEMM's
 epilogue, and in backward the GELU gradient rides in fc2's input-gradient GEMM while the experts' input gradient
-is a K-extension of fc1's (moe_lora_ffn_fwd / moe_lora_ffn_bwd).
+is a K-extension of fc1's (moe_lora_ffn_fwd / moe_lora_ffn_bwd). Its hedge runs the frozen GEMMs through cuBLAS
+with the shrink and the experts' sum as small kernels around them; the faster of the two is measured per shape.
 """
 
+import functools
 import os
 
 import torch
@@ -167,11 +169,12 @@ def _expand_kernel(
     stride_ot, stride_oo,
     # meta
     RANK: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXPERTS: tl.constexpr,
-    PACKED: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, ACCUMULATE: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """a[t, o] = sum_k P[t, k] Q[o, k] + bias[o] + sum_c V[t, c] L[c // r, c % r, o], then out = a (ACT_NONE),
-    out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD).
+    out = gelu(a) with a stored to pre (ACT_GELU), or out = a * gelu'(pre) (ACT_GELU_GRAD); ACCUMULATE adds
+    out's old value to a (the experts after a cuBLAS GEMM).
 
     The expert sum is a K-extension of R columns after the base GEMM, so a frozen Linear plus its experts is one
     pass over the output tile. V (already gated and scaled by the shrink) and L share P's dtype: the extension
@@ -219,6 +222,8 @@ def _expand_kernel(
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
     mask_to = mask_t[:, None] & mask_o[None, :]
     tile = offs_t[:, None] * stride_ot + offs_o[None, :] * stride_oo
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + tile, mask=mask_to, other=0.0).to(tl.float32)
     if ACTIVATION == ACT_GELU:
         pre = acc.to(pre_ptr.dtype.element_ty)
         tl.store(pre_ptr + tile, pre, mask=mask_to)
@@ -415,10 +420,10 @@ def _shrink(inp, bank, gating, backward=None):
     return (out, ug) if backward is None else (out, ug, d_gates)
 
 
-def _expand(out, v, bank, base=None, bias=None, act=None, pre=None):
-    """out (T, D_OUT) = act([P @ Q^T] + bias + v @ L_all^T), with the expert bank L viewed as (N, r, D_OUT) and
-    v (T, R) in out's dtype (R = 0: no experts), base = (P, Q, stride_qo, stride_qk); act None, "gelu"
-    (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
+def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=False):
+    """out (T, D_OUT) = act([P @ Q^T] + bias + v @ L_all^T [+ out]), with the expert bank L viewed as
+    (N, r, D_OUT) and v (T, R) in out's dtype (R = 0: no experts), base = (P, Q, stride_qo, stride_qk); act None,
+    "gelu" (pre-activation stored to pre) or "gelu_grad" (pre read from pre)."""
     t, o = out.shape
     r_cols = v.shape[1]
     p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
@@ -432,7 +437,8 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None):
         t, o, k, r_cols,
         *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride(),
         RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
-        PACKED=_packed(bank, min(64, next_block(r_cols))), ACTIVATION=_ACTIVATIONS[act], PRECISION=dot_precision(out),
+        PACKED=_packed(bank, min(64, next_block(r_cols))), ACCUMULATE=accumulate, ACTIVATION=_ACTIVATIONS[act],
+        PRECISION=dot_precision(out),
         BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
     )
     return out
@@ -489,13 +495,8 @@ def moe_lora_bwd(d_y, x, lora_A, lora_B, indices, gates, u, scale: float, base_w
     return d_x, d_a, d_b, d_gates, d_base_input
 
 
-def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
-    """The ASE FFN with experts on its input: y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x.
-
-    x: (T, d); fc1_weight: (hidden, d); fc2_weight: (d_out, hidden); biases or None; lora_A: (N, r, d);
-    lora_B: (N, d_out, r). Returns y (T, d_out), u (T, N * r) fp32 and h_pre = fc1(x) (T, hidden), saved for the
-    GELU gradient. Three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts.
-    """
+def _ffn_fwd_fused(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale):
+    # three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts as a K-extension
     u, ug = _shrink(x, lora_A, (indices, gates, scale))
     h_pre = torch.empty(x.shape[0], fc1_weight.shape[0], dtype=x.dtype, device=x.device)
     h = torch.empty_like(h_pre)
@@ -505,10 +506,17 @@ def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora
     return y, u, h_pre
 
 
-def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale: float):
-    """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates, and d_h_pre (T, hidden)
-    for the caller that trains fc1. d_x = (d_y W2 * gelu'(h_pre)) W1 + d_u A_all: the experts' input gradient rides
-    in fc1's backward GEMM as a K-extension."""
+def _ffn_fwd_cublas(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale):
+    # the frozen GEMMs (bias in their epilogue) are cuBLAS calls; the shrink and the experts' sum are small kernels
+    u, ug = _shrink(x, lora_A, (indices, gates, scale))
+    h_pre = torch.nn.functional.linear(x, fc1_weight, fc1_bias)
+    y = torch.nn.functional.linear(torch.nn.functional.gelu(h_pre), fc2_weight, fc2_bias)
+    _expand(y, ug, _b_bank(lora_B), accumulate=True)
+    return y, u, h_pre
+
+
+def _ffn_bwd_fused(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale):
+    # the GELU gradient rides in fc2's input-gradient GEMM, the experts' input gradient in fc1's (a K-extension)
     d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
     d_h_pre = torch.empty_like(h_pre)
     _expand(d_h_pre, d_u[:, :0], lora_A, base=(d_y, fc2_weight, fc2_weight.stride(1), fc2_weight.stride(0)),
@@ -516,3 +524,65 @@ def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, ga
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _expand(d_x, d_u, lora_A, base=(d_h_pre, fc1_weight, fc1_weight.stride(1), fc1_weight.stride(0)))
     return d_x, d_a, d_b, d_gates, d_h_pre
+
+
+def _ffn_bwd_cublas(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale):
+    d_u, d_a, d_b, d_gates = _expert_grads(d_y, x, lora_A, lora_B, indices, gates, u, scale)
+    d_h_pre = torch.ops.aten.gelu_backward(d_y @ fc2_weight, h_pre)
+    d_x = d_h_pre @ fc1_weight
+    _expand(d_x, d_u, lora_A, accumulate=True)
+    return d_x, d_a, d_b, d_gates, d_h_pre
+
+
+FFN_PATHS = ("fused", "cublas")
+_FFN = {"fwd": {"fused": _ffn_fwd_fused, "cublas": _ffn_fwd_cublas},
+        "bwd": {"fused": _ffn_bwd_fused, "cublas": _ffn_bwd_cublas}}
+_ffn_choice: dict[tuple, str] = {}  # (phase, shapes, dtype, device) -> the faster path, measured once
+
+
+def ffn_path(key: tuple, runs: dict, x: torch.Tensor, measure=None) -> str:
+    """Which implementation of the ASE FFN serves a call: ASE_KERNELS_FFN=fused|cublas if set; on a GPU the faster
+    of runs (path -> callable), measured once per key like an autotuner (measure defaults to
+    triton.testing.do_bench) and cached; else (CPU, interpreter, or a CUDA-graph capture before any
+    measurement) the fused one."""
+    forced = os.environ.get("ASE_KERNELS_FFN", "").strip().lower()
+    if forced:
+        if forced not in FFN_PATHS:
+            raise ValueError(f"ASE_KERNELS_FFN must be one of {FFN_PATHS}, got {forced!r}")
+        return forced
+    if key in _ffn_choice:
+        return _ffn_choice[key]
+    if measure is None:
+        if not x.is_cuda or interpreting() or torch.cuda.is_current_stream_capturing():
+            return "fused"
+        from triton.testing import do_bench as measure
+    times = {path: measure(run) for path, run in runs.items()}
+    _ffn_choice[key] = min(times, key=times.get)
+    return _ffn_choice[key]
+
+
+def _ffn_run(phase: str, x: torch.Tensor, args: tuple):
+    """One phase of the ASE FFN through the path that ffn_path picks for these shapes (token count by power of 2)."""
+    fns = _FFN[phase]
+    shapes = tuple(tuple(a.shape) for a in args[1:] if isinstance(a, torch.Tensor))
+    key = (phase, triton.next_power_of_2(x.shape[0]), shapes, x.dtype, x.device)
+    path = ffn_path(key, {p: functools.partial(fn, *args) for p, fn in fns.items()}, x)
+    return fns[path](*args)
+
+
+def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
+    """The ASE FFN with experts on its input: y = fc2(gelu(fc1(x))) + scale * sum_i g_i B_i A_i x.
+
+    x: (T, d); fc1_weight: (hidden, d); fc2_weight: (d_out, hidden); biases or None; lora_A: (N, r, d);
+    lora_B: (N, d_out, r). Returns y (T, d_out), u (T, N * r) fp32 and h_pre = fc1(x) (T, hidden), saved for the
+    GELU gradient. Fused (three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts)
+    or with cuBLAS GEMMs, as :func:`ffn_path` picks; both save the same tensors.
+    """
+    return _ffn_run("fwd", x, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale))
+
+
+def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale: float):
+    """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates, and d_h_pre (T, hidden)
+    for the caller that trains fc1. d_x = (d_y W2 * gelu'(h_pre)) W1 + d_u A_all; fused, the experts' input
+    gradient rides in fc1's backward GEMM as a K-extension."""
+    return _ffn_run("bwd", x, (d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale))
