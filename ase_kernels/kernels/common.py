@@ -4,7 +4,6 @@ import functools
 import os
 
 import torch
-import triton
 
 
 def interpreting() -> bool:
@@ -12,9 +11,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. triton.cdiv and triton.next_power_of_2 are constexpr functions whose wrapper costs
+    several microseconds per call, and the launchers make dozens of calls per layer."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def next_block(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= n and >= minimum: tl.dot needs every tile dimension >= 16."""
-    return max(minimum, triton.next_power_of_2(max(n, 1)))
+    return max(minimum, next_power_of_2(max(n, 1)))
 
 
 def dot_precision(x: torch.Tensor) -> str:
@@ -49,9 +58,9 @@ def _sm_count(device_index: int) -> int:
 def token_splits(x: torch.Tensor, tokens: int, other_programs: int, block_t: int) -> int:
     """How many token ranges a reduction over tokens is cut into: enough programs for two waves on the GPU,
     two under the interpreter so that the split path is exercised by the CPU tests."""
-    blocks = triton.cdiv(max(tokens, 1), block_t)
+    blocks = cdiv(max(tokens, 1), block_t)
     if x.is_cuda and not interpreting():
-        want = triton.cdiv(2 * _sm_count(x.device.index or 0), max(other_programs, 1))
+        want = cdiv(2 * _sm_count(x.device.index or 0), max(other_programs, 1))
     else:
         want = 2
     return max(1, min(want, blocks))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreting, launch_config, next_block, token_splits
+from .common import cdiv, dot_precision, interpreting, launch_config, next_block, next_power_of_2, token_splits
 
 
 @triton.jit
@@ -356,8 +356,8 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
     k_part = max(k0, k1)
     right = pairs[0][1]
     cfg = launch_config("wgrad", right)
-    k_blocks = triton.cdiv(k_part, cfg["BLOCK_K"])
-    tokens_per_problem = t if task_offsets is None else triton.cdiv(t, problems)
+    k_blocks = cdiv(k_part, cfg["BLOCK_K"])
+    tokens_per_problem = t if task_offsets is None else cdiv(t, problems)
     splits = token_splits(right, tokens_per_problem, k_blocks * problems, cfg["BLOCK_T"])
     partial = torch.empty(splits, problems, c, k_part, dtype=torch.float32, device=right.device)
     (l0, r0), (l1, r1) = pairs[0], pairs[-1]
@@ -407,7 +407,7 @@ def _shrink(inp, bank, gating, backward=None):
     ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
     u = out if backward is None else backward
     d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device) if backward is not None else out
-    _shrink_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
+    _shrink_kernel[(cdiv(t, cfg["BLOCK_T"]),)](
         inp, bank, out, u, idx, gates, ug, d_gates,
         t, k, r_cols,
         *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx.stride(), *gates.stride(),
@@ -430,7 +430,7 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
     k = p.shape[1] if base is not None else 0
 
     def grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_T"]) * triton.cdiv(o, meta["BLOCK_O"]),)
+        return (cdiv(t, meta["BLOCK_T"]) * cdiv(o, meta["BLOCK_O"]),)
 
     _expand_kernel[grid](
         p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
@@ -565,7 +565,7 @@ def _ffn_run(phase: str, x: torch.Tensor, args: tuple):
     """One phase of the ASE FFN through the path that ffn_path picks for these shapes (token count by power of 2)."""
     fns = _FFN[phase]
     shapes = tuple(tuple(a.shape) for a in args[1:] if isinstance(a, torch.Tensor))
-    key = (phase, triton.next_power_of_2(x.shape[0]), shapes, x.dtype, x.device)
+    key = (phase, next_power_of_2(x.shape[0]), shapes, x.dtype, x.device)
     path = ffn_path(key, {p: functools.partial(fn, *args) for p, fn in fns.items()}, x)
     return fns[path](*args)
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, launch_config, next_block
+from .common import cdiv, dot_precision, launch_config, next_block
 from .lowrank import weight_grad
 
 MODE_ADAPTIVE = tl.constexpr(0)
@@ -212,7 +212,7 @@ def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str
     tasks, n, _ = router_weight.shape
     ks = top_k + num_shared
     meta = _meta(x, n, ks)
-    blocks = triton.cdiv(t, meta["BLOCK_T"])
+    blocks = cdiv(t, meta["BLOCK_T"])
     indices = torch.empty(t, ks, dtype=torch.int64, device=x.device)
     gates = torch.empty(t, ks, dtype=torch.float32, device=x.device)
     partial = torch.empty(blocks, tasks, n, dtype=torch.float32, device=x.device)
@@ -240,7 +240,7 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
         d_gates = d_gates.to(torch.float32)
     if d_prob_sums is not None:
         d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
-    _route_bwd_kernel[(triton.cdiv(t, meta["BLOCK_T"]),)](
+    _route_bwd_kernel[(cdiv(t, meta["BLOCK_T"]),)](
         x, router_weight, task_ids, indices, gates, d_gates if d_gates is not None else gates,
         d_prob_sums if d_prob_sums is not None else d_z, d_z, d_x,
         t, d, n, tasks,
