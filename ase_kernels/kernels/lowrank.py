@@ -157,7 +157,8 @@ def _expand_configs():
     return configs[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else configs
 
 
-@triton.autotune(configs=_expand_configs(), key=["D_OUT", "K", "R", "HAS_BASE"])
+# restore_value: with ACCUMULATE the kernel reads out, so tuning runs must each start from its old value
+@triton.autotune(configs=_expand_configs(), key=["D_OUT", "K", "R", "HAS_BASE"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
     # pointers
