@@ -1,0 +1,57 @@
+"""The report as Markdown tables (stdout) from the dictionary that ``--json`` writes."""
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def markdown(report: dict) -> str:
+    s, w = report["summary"], report["workload"]
+    out = [f"# Kernel inspection: {w['module']}, {w['dtype']}, x {tuple(w['x_shape'])}, target {report['target']}",
+           "", f"`{report['command']}` (torch {report['versions']['torch']}, triton {report['versions']['triton']}; "
+           "compiled, not run; occupancy and floors for an H100 SXM)", ""]
+    h = report["host"]
+    out += [_table(["measure", "fwd", "bwd", "total"], [
+        ["Triton launches", s["triton"]["fwd"], s["triton"]["bwd"], s["triton"]["total"]],
+        ["torch device ops", s["torch_ops"]["fwd"], s["torch_ops"]["bwd"], s["torch_ops"]["total"]],
+        ["**device launches**", "", "", f"**{s['launches']}**"],
+        ["host syncs", s["syncs"]["fwd"], s["syncs"]["bwd"], f"**{s['syncs']['total']}**"],
+        ["Triton floors µs", f"{s['triton_floor_us']['fwd']:.1f}", f"{s['triton_floor_us']['bwd']:.1f}",
+         f"{s['triton_floor_us']['total']:.1f}"],
+        ["torch-op floors µs (inputs only)", f"{s['torch_floor_us']['fwd']:.1f}", f"{s['torch_floor_us']['bwd']:.1f}",
+         f"{s['torch_floor_us']['total']:.1f}"],
+        ["spilling variants", "", "", f"{s['spilling_variants']} of {len(report['variants'])}"],
+        [f"host µs, stubbed ({h['tokens']} tokens): ASE / bare timm Mlp", "", "",
+         f"{h['ase_us']:.0f} / {h['bare_us']:.0f} = **{h['ratio']:.2f}x**"],
+    ]), ""]
+
+    out += ["## Compiled variants", "", _table(
+        ["v", "kernel", "role", "cfg", "tile", "warps", "stages", "regs", "spill st/ld B", "smem B", "progs/SM (limit)",
+         "wgmma in loop", "TMA ldg", "LDL/STL"],
+        [[v["id"], v["kernel"], v["role"], v["config"], v["tile"], v["num_warps"], v["num_stages"], v["regs"],
+          f"{v['spill_store']}/{v['spill_load']}", v["smem"], f"{v['programs_per_sm']} ({v['limit']})",
+          ("yes" if v["hgmma_in_loop"] else "no") if v["hgmma"] else ("HMMA" if v["hmma"] else "no MMA"),
+          v["utmaldg"], f"{v['ldl']}/{v['stl']}"] for v in report["variants"]]), ""]
+
+    out += ["## Launches (one forward+backward)", "", _table(
+        ["#", "phase", "kernel", "role", "variants", "programs (waves) per variant", "GFLOP", "min MB", "floor µs"],
+        [[i, la["phase"], la["kernel"], la["role"], " ".join(f"v{c['variant']}" for c in la["configs"]),
+          " / ".join(f"{c['programs']} ({c['waves']:.2f})" for c in la["configs"]),
+          "?" if la["flops"] is None else f"{la['flops'] / 1e9:.2f}", _mb(la["bytes"]),
+          f"{la['floor_us']:.1f} ({la['bound']})"] for i, la in enumerate(report["launches"], 1)]), ""]
+
+    out += ["## Torch device ops", "", _table(
+        ["#", "phase", "op", "input shapes", "input MB", "floor µs"],
+        [[i, o["phase"], o["op"], " ".join(str(tuple(x)) for x in o["shapes"]), _mb(o["bytes"]),
+          f"{o['floor_us']:.1f}"] for i, o in enumerate(report["torch_ops"], 1)]), ""]
+
+    out += ["## Host syncs", "", _table(["phase", "call", "where"],
+                                       [[x["phase"], x["what"], x["where"]] for x in report["syncs"]])
+            if report["syncs"] else "none", ""]
+    return "\n".join(out)
