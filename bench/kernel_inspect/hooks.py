@@ -33,10 +33,14 @@ H100_PROPERTIES = types.SimpleNamespace(name="NVIDIA H100 (stand-in)", major=9, 
 
 
 class _Driver:
-    """What JITFunction.run asks the active driver for, answered for a GPU that is not there."""
+    """What JITFunction.run (and a launcher sizing a persistent grid) asks the active driver for, answered for
+    a GPU that is not there."""
 
     def __init__(self, target: GPUTarget):
         self.target = target
+        props = dict(multiprocessor_count=H100_PROPERTIES.multi_processor_count, max_shared_mem=227 * 1024,
+                     max_num_regs=65536, warpSize=32)
+        self.utils = types.SimpleNamespace(get_device_properties=lambda device=0: dict(props))
 
     def get_current_target(self):
         return self.target
@@ -95,7 +99,8 @@ class Recorder:
             self._pending.append(entry)
             return
         self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
-        scalars = {k: v for k, v in meta.items() if isinstance(v, (bool, int, float)) and k not in constexprs}
+        scalars = {k: v for k, v in meta.items()
+                   if k in fn.arg_names and isinstance(v, (bool, int, float)) and k not in constexprs}
         tensors = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size(),
                     v.data_ptr()) for k, v in meta.items() if isinstance(v, torch.Tensor)]
         self.launches.append(Launch(fn.__name__, self.phase, scalars, tensors, self._pending or [entry]))

@@ -14,7 +14,7 @@ GPU: ``item``, ``tolist``, ``bool``/``int``/``float``/``index`` of a tensor, ``c
 ``output_size``, indexing with a boolean tensor; plus ``torch.cuda.synchronize`` (reported by the hooks). Each
 is listed with the first caller outside torch. A read-back made inside a C++ op is not seen.
 
-Host time: the median wall time of fwd+bwd with the device work stubbed: Triton launches are compiled-only
+Host time: the wall time of fwd+bwd with the device work stubbed: Triton launches are compiled-only
 (argument binding, cache lookup and the launchers' Python run; the driver's own launch, a few microseconds per
 kernel on a GPU host, does not), and torch ops run on CPU tensors small enough that their CPU compute is
 negligible next to their dispatch.
@@ -113,8 +113,9 @@ def device_ops(events, phases: dict[str, str]) -> list[dict]:
 
 
 def host_times_us(steps: dict, reps: int) -> dict:
-    """Median microseconds per call of each step() over reps rounds, after two warm-up rounds. The steps
-    alternate within a round, so that a change in the machine's load hits them alike."""
+    """{name: {median, min}} microseconds per call of each step() over reps rounds, after two warm-up rounds.
+    The steps alternate within a round, so that a change in the machine's load hits them alike; the minimum is
+    the call least disturbed by other processes."""
     times = {name: [] for name in steps}
     for i in range(reps + 2):
         for name, step in steps.items():
@@ -122,4 +123,4 @@ def host_times_us(steps: dict, reps: int) -> dict:
             step()
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    return {name: dict(median=statistics.median(t) * 1e6, min=min(t) * 1e6) for name, t in times.items()}
