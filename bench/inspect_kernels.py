@@ -11,7 +11,8 @@ every Triton launch compiled for the target through Triton's own binder and not 
   shared memory, programs per H100 SM, wgmma (HGMMA) in a loop, TMA loads (UTMALDG);
 - per launch: grid per variant, FLOPs, minimum HBM bytes, the roofline floor at 700 TFLOP/s and 3 TB/s;
 - for the whole forward+backward: device launches (Triton launches + torch ops that launch a CUDA kernel),
-  host syncs and where they happen, and the host time with the device work stubbed beside a bare timm ``Mlp``'s.
+  host syncs and where they happen, and the host CPU time with the device work stubbed beside a bare timm
+  ``Mlp``'s (both in this run, one thread, alternating calls).
 
 Three passes: (1) compile and record (every autotuned launch compiles all its configurations), (2) count under
 ``torch.profiler`` and a sync detector (steady state: nothing is compiled or tuned), (3) host time. Compiled

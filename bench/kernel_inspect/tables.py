@@ -35,8 +35,8 @@ def markdown(report: dict) -> str:
         ["torch-op floors µs (inputs only)", f"{s['torch_floor_us']['fwd']:.1f}", f"{s['torch_floor_us']['bwd']:.1f}",
          f"{s['torch_floor_us']['total']:.1f}"],
         ["spilling variants", "", "", f"{s['spilling_variants']} of {len(report['variants'])}"],
-        [f"host µs, device work stubbed ({h['tokens']} tokens; bare Mlp {h['bare_dims'][0]}->{h['bare_dims'][1]}): "
-         "ASE / bare timm Mlp", "", "",
+        [f"host CPU µs per fwd+bwd, device work stubbed ({h['tokens']} tokens; bare Mlp "
+         f"{h['bare_dims'][0]}->{h['bare_dims'][1]}): ASE / bare timm Mlp", "", "",
          f"median {h['ase_us']['median']:.0f} / {h['bare_us']['median']:.0f} = **{h['ratio']:.2f}x**; "
          f"min {h['ase_us']['min']:.0f} / {h['bare_us']['min']:.0f} = **{h['ratio_min']:.2f}x**"],
     ]), ""]

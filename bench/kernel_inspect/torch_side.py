@@ -14,12 +14,13 @@ GPU: ``item``, ``tolist``, ``bool``/``int``/``float``/``index`` of a tensor, ``c
 ``output_size``, indexing with a boolean tensor; plus ``torch.cuda.synchronize`` (reported by the hooks). Each
 is listed with the first caller outside torch. A read-back made inside a C++ op is not seen.
 
-Host time: the wall time of fwd+bwd with the device work stubbed: Triton launches are compiled-only
+Host time: the CPU time of fwd+bwd (one thread) with the device work stubbed: Triton launches are compiled-only
 (argument binding, cache lookup and the launchers' Python run; the driver's own launch, a few microseconds per
 kernel on a GPU host, does not), and torch ops run on CPU tensors small enough that their CPU compute is
 negligible next to their dispatch.
 """
 
+import gc
 import math
 import os
 import statistics
@@ -113,14 +114,20 @@ def device_ops(events, phases: dict[str, str]) -> list[dict]:
 
 
 def host_times_us(steps: dict, reps: int) -> dict:
-    """{name: {median, min}} microseconds per call of each step() over reps rounds, after two warm-up rounds.
-    The steps alternate within a round, so that a change in the machine's load hits them alike; the minimum is
-    the call least disturbed by other processes."""
+    """{name: {median, min}} microseconds of this thread's CPU time per call of each step() over reps rounds,
+    after two warm-up rounds. CPU time, not wall time: on a shared machine the wall clock also counts the waits
+    for a core (2-3x here under load); with one torch thread and the device stubbed, nothing else runs the step.
+    The steps alternate within a round; the garbage collector is off while timing, as in timeit."""
     times = {name: [] for name in steps}
-    for i in range(reps + 2):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(reps + 2):
+            for name, step in steps.items():
+                t0 = time.thread_time()
+                step()
+                if i >= 2:
+                    times[name].append(time.thread_time() - t0)
+    finally:
+        gc.enable()
     return {name: dict(median=statistics.median(t) * 1e6, min=min(t) * 1e6) for name, t in times.items()}
