@@ -1,6 +1,9 @@
 """Inspect one forward+backward of an ASE module for a GPU, without a GPU.
 
-    python -m bench.inspect_kernels [--target sm_90] [--json FILE] [shape options]   # from the repository root
+    python -m bench.inspect_kernels [--target sm_90] [--json FILE] [shape options]
+
+from the repository root, with ase_kernels importable (``pip install -e .`` or ``PYTHONPATH=.``); ``--help``
+lists the options.
 
 Runs ``ASEMlp`` (default: ViT-B FFN 768 -> 3072, 32 experts, top-6, 2 shared, rank 2, 5 tasks, placement ffn,
 bf16, x = (64, 197, 768) task-major with 13/13/13/13/12 images per task, frozen fc1/fc2) on CPU tensors with

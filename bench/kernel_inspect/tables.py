@@ -11,6 +11,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def _grid(config: dict) -> str:
+    """'2376' for a 1-D grid, '12x22x1=264' otherwise."""
+    g = config["grid"]
+    return str(config["programs"]) if g[1] == g[2] == 1 else f"{g[0]}x{g[1]}x{g[2]}={config['programs']}"
+
+
 def _mma(v: dict) -> str:
     """wgmma (HGMMA) or mma.sync (HMMA), and whether it runs inside a loop (the main loop)."""
     for kind, count, in_loop in (("wgmma", v["hgmma"], v["hgmma_in_loop"]), ("mma.sync", v["hmma"], v["hmma_in_loop"])):
@@ -50,9 +56,9 @@ def markdown(report: dict) -> str:
           v["utmaldg"], f"{v['ldl']}/{v['stl']}"] for v in report["variants"]]), ""]
 
     out += ["## Launches (one forward+backward)", "", _table(
-        ["#", "phase", "kernel", "role", "variants", "programs (waves) per variant", "GFLOP", "min MB", "floor µs"],
+        ["#", "phase", "kernel", "role", "variants", "grid (waves) per variant", "GFLOP", "min MB", "floor µs"],
         [[i, la["phase"], la["kernel"], la["role"], " ".join(f"v{c['variant']}" for c in la["configs"]),
-          " / ".join(f"{c['programs']} ({c['waves']:.2f})" for c in la["configs"]),
+          " / ".join(f"{_grid(c)} ({c['waves']:.2f})" for c in la["configs"]),
           "?" if la["flops"] is None else f"{la['flops'] / 1e9:.2f}", _mb(la["bytes"]),
           f"{la['floor_us']:.1f} ({la['bound']})"] for i, la in enumerate(report["launches"], 1)]), ""]
 
