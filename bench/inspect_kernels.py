@@ -153,9 +153,14 @@ def inspect(args, module) -> dict:
         bare = _bare_step(small.shape[:2], x.dtype)
         # pass 3: host time; the bare Mlp runs inside the hooks too, which it never calls
         host = torch_side.host_times_us(dict(ase=ase, bare=bare), args.host_reps)
-    torch_ops = torch_side.device_ops(prof.events(), {"inspect::fwd": "fwd", "inspect::bwd": "bwd"})
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as bare_prof:
+            bare()  # its device ops, counted the same way (their number does not depend on its width)
+    phases = {"inspect::fwd": "fwd", "inspect::bwd": "bwd"}
+    torch_ops = torch_side.device_ops(prof.events(), phases)
+    bare_ops = [o["op"] for o in torch_side.device_ops(bare_prof.events(), phases)]
     return assemble(args, recorder, counts, torch_ops, detector.syncs,
                     dict(tokens=small.shape[0] * small.shape[1], ase_us=host["ase"], bare_us=host["bare"],
+                         bare_ops=bare_ops,
                          ratio=host["ase"]["median"] / host["bare"]["median"],
                          ratio_min=host["ase"]["min"] / host["bare"]["min"], bare_dims=BARE_HOST_DIMS))
 
@@ -170,7 +175,10 @@ def _bare_step(lead, dtype):
 
     def step():
         x.grad = None
-        mlp(x).backward(grad)
+        with record_function("inspect::fwd"):
+            y = mlp(x)
+        with record_function("inspect::bwd"):
+            y.backward(grad)
 
     return step
 

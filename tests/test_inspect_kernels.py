@@ -66,6 +66,7 @@ def test_tables_and_json_agree(report):
     assert f"**{data['summary']['launches']}**" in stdout
     assert 0 < data["host"]["ase_us"]["min"] <= data["host"]["ase_us"]["median"]
     assert 0 < data["host"]["bare_us"]["min"] <= data["host"]["bare_us"]["median"]
+    assert len(data["host"]["bare_ops"]) >= 4  # fc1, GELU, fc2 forward; at least one GEMM backward
 
 
 @pytest.mark.parametrize("args", [pytest.param(["--experts", "0"], id="zero-experts"),

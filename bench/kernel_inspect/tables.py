@@ -35,6 +35,7 @@ def markdown(report: dict) -> str:
         ["Triton launches", s["triton"]["fwd"], s["triton"]["bwd"], s["triton"]["total"]],
         ["torch device ops", s["torch_ops"]["fwd"], s["torch_ops"]["bwd"], s["torch_ops"]["total"]],
         ["**device launches**", "", "", f"**{s['launches']}**"],
+        ["bare timm Mlp device launches", "", "", f"{len(h['bare_ops'])} ({', '.join(h['bare_ops'])})"],
         ["host syncs", s["syncs"]["fwd"], s["syncs"]["bwd"], f"**{s['syncs']['total']}**"],
         ["Triton floors µs", f"{s['triton_floor_us']['fwd']:.1f}", f"{s['triton_floor_us']['bwd']:.1f}",
          f"{s['triton_floor_us']['total']:.1f}"],
