@@ -92,3 +92,19 @@ def test_programs_per_sm(regs, warps, smem, want, monkeypatch):
     from bench.kernel_inspect import roofline
 
     assert roofline.programs_per_sm(regs, warps, smem) == want
+
+
+def test_sync_detector_sees_read_backs_only(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    import torch
+
+    from bench.kernel_inspect.torch_side import SyncDetector
+
+    detector = SyncDetector(ROOT)
+    t = torch.tensor([1, 2, 3])
+    with detector:
+        t.sum().item(), bool(t[0]), int(t[0]), t.tolist(), t.nonzero(), t[t > 1], torch.repeat_interleave(t)
+        t.repeat_interleave(2), t.to(torch.float32), t + 1, t[1:], t.sum()  # none of these reads back
+    assert [s["what"] for s in detector.syncs] == ["item", "__bool__", "__int__", "tolist", "nonzero", "__getitem__",
+                                                   "repeat_interleave"]
+    assert all(s["where"].startswith("tests/test_inspect_kernels.py:") for s in detector.syncs), detector.syncs

@@ -28,8 +28,13 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-H100_PROPERTIES = types.SimpleNamespace(name="NVIDIA H100 (stand-in)", major=9, minor=0, multi_processor_count=132,
-                                        total_memory=80 * 2**30, warp_size=32)
+from .roofline import H100
+
+H100_PROPERTIES = types.SimpleNamespace(
+    name="NVIDIA H100 (stand-in)", major=9, minor=0, multi_processor_count=H100["sms"], total_memory=80 * 2**30,
+    warp_size=32, max_threads_per_multi_processor=H100["threads_per_sm"], regs_per_multiprocessor=H100["regs_per_sm"],
+    shared_memory_per_multiprocessor=H100["smem_per_sm"], shared_memory_per_block_optin=H100["smem_per_block"],
+    L2_cache_size=50 * 2**20)
 
 
 class _Driver:
@@ -38,8 +43,8 @@ class _Driver:
 
     def __init__(self, target: GPUTarget):
         self.target = target
-        props = dict(multiprocessor_count=H100_PROPERTIES.multi_processor_count, max_shared_mem=227 * 1024,
-                     max_num_regs=65536, warpSize=32)
+        props = dict(multiprocessor_count=H100["sms"], max_shared_mem=H100["smem_per_block"],
+                     max_num_regs=H100["regs_per_sm"], warpSize=32)
         self.utils = types.SimpleNamespace(get_device_properties=lambda device=0: dict(props))
 
     def get_current_target(self):

@@ -12,7 +12,8 @@ Host syncs: a ``TorchFunctionMode`` sees every Python-level call that reads devi
 GPU: ``item``, ``tolist``, ``bool``/``int``/``float``/``index`` of a tensor, ``cpu``, ``numpy``, ``nonzero``,
 ``argwhere``, ``masked_select``, ``unique``/``unique_consecutive``, ``repeat_interleave`` without
 ``output_size``, indexing with a boolean tensor; plus ``torch.cuda.synchronize`` (reported by the hooks). Each
-is listed with the first caller outside torch. A read-back made inside a C++ op is not seen.
+is listed with the first caller outside torch. Not seen: a read-back inside a C++ op, and ``.to(device)``, which
+cannot tell a copy to the host from a no-op while every tensor is on the CPU.
 
 Host time: the CPU time of fwd+bwd (one thread) with the device work stubbed: Triton launches are compiled-only
 (argument binding, cache lookup and the launchers' Python run; the driver's own launch, a few microseconds per
@@ -49,9 +50,7 @@ class SyncDetector(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if (name in _SYNC_METHODS
-                or (name == "repeat_interleave" and kwargs.get("output_size") is None
-                    and any(isinstance(a, torch.Tensor) for a in args[1:2]))
+        if (name in _SYNC_METHODS or (name == "repeat_interleave" and _tensor_repeats(args, kwargs))
                 or (name == "__getitem__" and _has_bool_index(args[1:]))):
             self.record(name)
         return func(*args, **kwargs)
@@ -63,6 +62,14 @@ class SyncDetector(TorchFunctionMode):
                 where = f"{os.path.relpath(frame.filename, self.root)}:{frame.lineno}"
                 break
         self.syncs.append(dict(phase=self.phase, what=what, where=where))
+
+
+def _tensor_repeats(args, kwargs) -> bool:
+    """repeat_interleave with a tensor of repeats and no output_size: the output size is read back."""
+    if kwargs.get("output_size") is not None:
+        return False
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if args else None)
+    return isinstance(repeats, torch.Tensor)
 
 
 def _has_bool_index(index) -> bool:
