@@ -197,7 +197,8 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
                              limit=limit, **facts))
     launches = []
     for launch in recorder.launches:
-        n_flops = roofline.flops(launch.kernel, launch.scalars)
+        first = variants[ids[launch.configs[0][0]] - 1]
+        n_flops = roofline.flops(launch.kernel, {**first["constexprs"], **launch.scalars})
         n_bytes = roofline.min_bytes(launch.tensors)
         floor, bound = roofline.floor_us(n_flops, n_bytes)
         configs = []
@@ -208,7 +209,6 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
             programs = grid[0] * grid[1] * grid[2]
             configs.append(dict(variant=ids[h], grid=list(grid), programs=programs,
                                 waves=programs / (roofline.H100["sms"] * max(v["programs_per_sm"], 1))))
-        first = variants[ids[launch.configs[0][0]] - 1]
         launches.append(dict(**asdict(launch) | dict(configs=configs), flops=n_flops, bytes=n_bytes,
                              floor_us=floor, bound=bound,
                              role=roofline.role(launch.kernel, first["constexprs"], launch.scalars)))

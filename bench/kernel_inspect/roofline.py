@@ -1,7 +1,8 @@
 """Floors and fit on an H100: roofline per launch, resident programs per SM per variant, role labels.
 
-- FLOPs: the useful multiply-adds of a launch (2 per MAC), from its size arguments, per kernel name (table
-  below); a kernel the table does not know gets no FLOPs and a memory-only floor.
+- FLOPs: the useful multiply-adds of a launch (2 per MAC), from its size arguments and constexprs, per kernel
+  name (table below); a kernel the table does not know, or whose arguments it does not find, gets no FLOPs ("?")
+  and a memory-only floor.
 - minimum HBM bytes: every distinct tensor argument read or written once (numel x element size; arguments that
   alias another, as placeholders do, count once).
 - floor = max(FLOPs / 700 TFLOP/s, bytes / 3 TB/s): the brief's H100 SXM peaks (bf16 dense tensor, HBM3).
@@ -13,11 +14,12 @@
 H100 = dict(sms=132, regs_per_sm=65536, sub_partitions=4, smem_per_sm=228 * 1024, smem_per_block=227 * 1024,
             smem_reserved_per_block=1024, threads_per_sm=2048, blocks_per_sm=32, flops=700e12, hbm=3.0e12)
 
-# useful FLOPs per kernel, from its integer arguments (names as in the kernel's signature)
+# useful FLOPs per kernel, from its size arguments and constexprs (names as in the kernel's signature)
 FLOPS = {
     "_expand_kernel": lambda a: 2 * a["T"] * a["D_OUT"] * (a["K"] + a["R"]),  # base GEMM + expert K-extension
     "_shrink_kernel": lambda a: 2 * a["T"] * a["K"] * a["R"],
-    "_wgrad_kernel": lambda a: 2 * a["T"] * a["C"] * a["K"],
+    # one token reduction (K), or two sharing a launch (K0, and K1 when TWO)
+    "_wgrad_kernel": lambda a: 2 * a["T"] * a["C"] * (a["K"] if "K" in a else a["K0"] + a["K1"] * bool(a["TWO"])),
     "_route_fwd_kernel": lambda a: 2 * a["T"] * a["D"] * a["N"],
     "_route_bwd_kernel": lambda a: 4 * a["T"] * a["D"] * a["N"],  # logits recomputed, then dx = dz W
 }
@@ -41,9 +43,10 @@ def tile(constexprs: dict) -> str:
     return " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
 
 
-def flops(kernel: str, scalars: dict) -> int | None:
+def flops(kernel: str, args: dict) -> int | None:
+    """FLOPs of a launch from its arguments and constexprs by name; None where the table cannot say."""
     try:
-        return int(FLOPS[kernel](scalars))
+        return int(FLOPS[kernel](args))
     except KeyError:
         return None
 
