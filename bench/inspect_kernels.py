@@ -2,8 +2,8 @@
 
     python -m bench.inspect_kernels [--target sm_90] [--json FILE] [shape options]
 
-from the repository root, with ase_kernels importable (``pip install -e .`` or ``PYTHONPATH=.``); ``--help``
-lists the options.
+from the repository root, with ase_kernels importable (``pip install -e .`` or ``PYTHONPATH=.``) and neither
+``TRITON_INTERPRET`` nor ``ASE_KERNELS_BACKEND`` set; ``--help`` lists the options.
 
 Runs ``ASEMlp`` (default: ViT-B FFN 768 -> 3072, 32 experts, top-6, 2 shared, rank 2, 5 tasks, placement ffn,
 bf16, x = (64, 197, 768) task-major with 13/13/13/13/12 images per task, frozen fc1/fc2) on CPU tensors with
@@ -130,7 +130,6 @@ def _quiet_stderr():
 
 
 def inspect(args, module) -> dict:
-    os.environ.pop("TRITON_INTERPRET", None)  # the kernels are defined on first use, after this
     # one thread: the CPU work is tiny, and a spinning OpenMP barrier on a shared core would dwarf the host time
     torch.set_num_threads(1)
     x = torch.randn(args.images, args.tokens, args.dim, dtype=DTYPES[args.dtype], requires_grad=True)
@@ -240,6 +239,10 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("inspect_kernels: error: unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+    if os.environ.get("ASE_KERNELS_BACKEND", "triton").strip().lower() not in ("", "triton"):
+        sys.exit("inspect_kernels: error: unset ASE_KERNELS_BACKEND: it would route the ops past the Triton kernels")
     try:
         module = build(args)
     except (ValueError, TypeError) as e:  # the module's own argument checks (e.g. top_k + shared > experts)

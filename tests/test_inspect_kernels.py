@@ -16,8 +16,8 @@ SMALL = ["--dim", "64", "--hidden", "256", "--images", "5", "--tokens", "16", "-
          "--top-k", "2", "--shared", "1", "--rank", "2", "--first-config", "--host-reps", "3"]
 
 
-def _run(*args, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(*args, timeout=240, **env_vars):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ASE_KERNELS_BACKEND")} | env_vars
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "bench.inspect_kernels", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -74,6 +74,15 @@ def test_tables_and_json_agree(report):
                                   pytest.param(["--experts", "4", "--top-k", "4", "--shared", "2"], id="k+S>N")])
 def test_bad_options_fail_in_one_line(args):
     proc = _run(*args, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inspect_kernels: error:"), proc.stderr
+
+
+@pytest.mark.parametrize("env", [pytest.param(dict(TRITON_INTERPRET="1"), id="interpreter"),
+                                 pytest.param(dict(ASE_KERNELS_BACKEND="torch"), id="torch-backend")])
+def test_environment_that_bypasses_the_kernels_is_refused(env):
+    proc = _run(*SMALL, timeout=60, **env)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("inspect_kernels: error:"), proc.stderr
