@@ -129,7 +129,8 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def inspect(args, module) -> dict:
+def run_passes(args, module) -> dict:
+    """Passes 1-3 (see the module docstring) on the built module; returns the report dictionary."""
     # one thread: the CPU work is tiny, and a spinning OpenMP barrier on a shared core would dwarf the host time
     torch.set_num_threads(1)
     x = torch.randn(args.images, args.tokens, args.dim, dtype=DTYPES[args.dtype], requires_grad=True)
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
         module = build(args)
     except (ValueError, TypeError) as e:  # the module's own argument checks (e.g. top_k + shared > experts)
         sys.exit(f"inspect_kernels: error: {e}")
-    report = inspect(args, module)
+    report = run_passes(args, module)
     print(tables.markdown(report))
     if args.json:
         with open(args.json, "w") as f:
