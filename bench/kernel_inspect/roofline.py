@@ -5,7 +5,8 @@
   and a memory-only floor.
 - minimum HBM bytes: every distinct tensor argument read or written once (numel x element size; arguments that
   alias another, as placeholders do, count once).
-- floor = max(FLOPs / 700 TFLOP/s, bytes / 3 TB/s): the brief's H100 SXM peaks (bf16 dense tensor, HBM3).
+- floor = max(FLOPs / 700 TFLOP/s, bytes / 3 TB/s): H100 SXM peaks (bf16 dense tensor, HBM3); the few tf32
+  FLOPs (the experts' K-extension, weight gradients) are counted at the bf16 rate too (tf32 peaks at half).
 - programs per SM: the least of the thread, block, register and shared-memory limits of an H100 SM, computed as
   CUDA's occupancy calculator does (registers per warp rounded up to 256 and shared by the 4 SM sub-partitions;
   1 KB of shared memory reserved per block).
