@@ -35,6 +35,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ase_kernels import ASEMlp
+from ase_kernels.kernels.lowrank import FFN_PATHS
 from ase_kernels.modules import PLACEMENTS
 from bench.kernel_inspect import cubin, hooks, roofline, tables, torch_side
 
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m bench.inspect_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=TARGETS, default="sm_90", help="GPU to compile for")
     p.add_argument("--placement", choices=PLACEMENTS, default="ffn")
+    p.add_argument("--ffn", choices=FFN_PATHS, default="fused",
+                   help="which ASE FFN implementation (placement ffn) to inspect: the fused Triton GEMMs, or the "
+                        "cuBLAS hedge (its torch GEMMs count as torch ops); a GPU picks the faster per shape")
     p.add_argument("--experts", type=int, default=32, help="N")
     p.add_argument("--top-k", type=int, default=6, help="k")
     p.add_argument("--shared", type=int, default=2, help="S")
@@ -142,6 +146,9 @@ def run_passes(args, module) -> dict:
         recorder.recording = True  # pass 1: compile every variant, record every launch
         make_step(module, x, ids, recorder)()
         recorder.recording = False
+        # pass 1 cleared the autotuner's choice at every tuned launch (to compile every configuration): one
+        # uncounted step lets each launch pick its configuration again, so pass 2 sees no tuning copies
+        make_step(module, x, ids, recorder)()
         recorder.counts.clear()
         step = make_step(module, x, ids, recorder, detector)  # pass 2: steady state, counted
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -232,6 +239,7 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
                            f"placement={args.placement!r})",
                     dtype=args.dtype, x_shape=[args.images, args.tokens, args.dim],
                     images_per_task=task_ids(args.images, args.tasks).bincount().tolist())
+    workload["ffn_path"] = args.ffn
     return dict(command=" ".join(["python -m bench.inspect_kernels", *sys.argv[1:]]), target=args.target,
                 versions=dict(torch=torch.__version__, triton=triton.__version__), workload=workload,
                 gpu=roofline.H100, summary=summary, variants=variants, launches=launches, torch_ops=torch_ops,
@@ -244,6 +252,7 @@ def main(argv=None) -> int:
         sys.exit("inspect_kernels: error: unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     if os.environ.get("ASE_KERNELS_BACKEND", "triton").strip().lower() not in ("", "triton"):
         sys.exit("inspect_kernels: error: unset ASE_KERNELS_BACKEND: it would route the ops past the Triton kernels")
+    os.environ["ASE_KERNELS_FFN"] = args.ffn  # a GPU measures both paths once per shape: here there is no GPU
     try:
         module = build(args)
     except (ValueError, TypeError) as e:  # the module's own argument checks (e.g. top_k + shared > experts)
