@@ -4,6 +4,7 @@ Each check raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, type
 got and what was expected, before any kernel runs.
 """
 
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -36,6 +37,16 @@ def _check_tensor(name: str, t, dim: int | None = None, dtype=None, device=None)
         raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+
+
+def integer(name: str, value) -> int:
+    """value as a Python int: ints, numpy integers and anything with ``__index__`` (not bool, not float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def check_x(x) -> None:
@@ -98,11 +109,12 @@ def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
         raise ValueError(f"router_weight must have shape (tasks, N, {x.shape[-1]}), got {tuple(router_weight.shape)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(num_shared, int) or not 0 <= num_shared <= n:
+    num_shared, top_k = integer("num_shared", num_shared), integer("top_k", top_k)
+    if not 0 <= num_shared <= n:
         raise ValueError(f"num_shared must be an int in [0, N={n}], got {num_shared!r}")
     if mode == "none" and num_shared != 0:
         raise ValueError(f"mode 'none' has no shared experts: num_shared must be 0, got {num_shared}")
-    if not isinstance(top_k, int) or not 0 <= top_k <= n - num_shared:
+    if not 0 <= top_k <= n - num_shared:
         raise ValueError(f"top_k must be an int in [0, N - S = {n - num_shared}] (the sparse pool), got {top_k!r}")
     if top_k + num_shared == 0:
         raise ValueError("top_k + num_shared must be at least 1: every token needs an active expert")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .checks import MODES
+from .checks import MODES, integer
 from .ops import mi_loss, moe_lora, moe_lora_ffn, route
 
 PLACEMENTS = ("ffn", "fc1", "fc2", "fc1+fc2")
@@ -47,6 +47,10 @@ class _Routed(nn.Module):
     """What every ASE module shares: the task routers, the routing call, and the statistics of its last call."""
 
     def _init_routing(self, in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype):
+        num_experts, top_k, num_shared, rank, num_tasks = (
+            integer(name, value) for name, value in (("num_experts", num_experts), ("top_k", top_k),
+                                                     ("num_shared", num_shared), ("rank", rank),
+                                                     ("num_tasks", num_tasks)))
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= num_shared <= num_experts or not 0 <= top_k <= num_experts - num_shared:
@@ -58,14 +62,24 @@ class _Routed(nn.Module):
             raise ValueError(f"num_tasks and rank must be >= 1, got num_tasks={num_tasks}, rank={rank}")
         self.num_experts, self.top_k, self.num_shared, self.rank = num_experts, top_k, num_shared, rank
         self.num_tasks, self.mode = num_tasks, mode
-        self.scale = (alpha if alpha is not None else rank) / rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.scale = self.alpha / rank
         # zero-initialised as in Mod-Squad: every token starts with equal logits, so top-k ties go to low indices
         self.router = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features, device=device, dtype=dtype))
         self._task_ids: torch.Tensor | None = None  # set by ase_kernels.task_ids(model, ids)
         self._last = _LastForward()
 
+    def options(self) -> dict:
+        """The keyword arguments that rebuild this module's experts and routers (``ak.convert`` takes them)."""
+        return dict(num_experts=self.num_experts, top_k=self.top_k, num_shared=self.num_shared, rank=self.rank,
+                    alpha=self.alpha, num_tasks=self.num_tasks, mode=self.mode)
+
     def _route(self, x: torch.Tensor, task_ids: torch.Tensor | None):
         ids = task_ids if task_ids is not None else self._task_ids
+        if ids is None and _recomputing():
+            # activation checkpointing runs forward again inside backward, after the task_ids block has exited:
+            # the ids this module's forward used are the ones it recomputes with
+            ids = self._last.task_ids
         routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
         # references only, no copies: the statistics are computed when someone asks for them
         last = self._last
@@ -231,6 +245,48 @@ class ASEMlp(_Routed):
 
     def extra_repr(self) -> str:
         return f"placement={self.placement!r}, {self._routing_repr()}"
+
+
+class ASEFFN(_Routed):
+    """Any feed-forward module mapping d -> d (the gated SwiGLU MLP of LLaMA-family models, for one) with Adaptive
+    Shared Experts in parallel, routed from its input (the paper's Eq. 10): ``y = base(x) + scale * sum_i g_i B_i A_i
+    x``. ``ak.convert`` builds it around a loaded module; the module is frozen and called unchanged.
+
+    Args:
+        base: the FFN; its forward takes x (..., features) first and returns (..., features).
+        features: d. The other arguments are those of :class:`MoELoRALinear`.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> ffn = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16))
+        >>> ase = ak.ASEFFN(ffn, 16, num_experts=8, top_k=2, num_shared=1, rank=2)
+        >>> x = torch.randn(3, 5, 16)
+        >>> torch.equal(ase(x), ffn(x))  # B starts at zero
+        True
+    """
+
+    def __init__(self, base: nn.Module, features: int, *, num_experts: int = 32, top_k: int = 6, num_shared: int = 2,
+                 rank: int = 2, alpha: float | None = None, num_tasks: int = 1, mode: str = "adaptive", device=None,
+                 dtype=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self._init_routing(features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype)
+        self.experts = LoRAExperts(num_experts, rank, features, features, device, dtype)
+
+    def forward(self, x: torch.Tensor, *args, task_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """x: (..., features); task_ids: (T,) or one per leading batch row, or None; other arguments go to the
+        wrapped module. Returns (..., features)."""
+        routing = self._route(x, task_ids)
+        return self.base(x, *args, **kwargs) + moe_lora(x, self.experts.A, self.experts.B, routing, self.scale)
+
+    def extra_repr(self) -> str:
+        return self._routing_repr()
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass and the caller is not being traced: a forward called then is an
+    activation-checkpointing recomputation. (Compiled graphs replay their recomputation without Python.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def ase_modules(model: nn.Module) -> Iterator[_Routed]:

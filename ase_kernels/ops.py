@@ -161,12 +161,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
     """
     x, router_weight = _autocast(x, router_weight)
     x2, ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
-    if backend(x) == "reference":
+    top_k, num_shared = int(top_k), int(num_shared)  # numpy integers passed the check; the op schema wants int
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.route(x, router_weight, ids, top_k=top_k, num_shared=num_shared, mode=mode)
-    if x2.shape[0] == 0:
-        ks, gdt = top_k + num_shared, _gate_dtype(x)
-        return Routing(x2.new_empty(0, ks, dtype=torch.int64), x2.new_empty(0, ks, dtype=gdt),
-                       (router_weight.sum(-1) * 0).to(gdt))
     gates, prob_sums, indices = _route(x2, router_weight, ids, top_k, num_shared, mode)
     return Routing(indices, gates, prob_sums)
 
@@ -269,11 +266,9 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
     if same:
         base_input = x
     x2, lead = check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bias)
-    if backend(x) == "reference":
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.moe_lora(x, lora_A, lora_B, routing, scale, base_input, base_weight, base_bias)
     d_out = lora_B.shape[1]
-    if x2.shape[0] == 0:
-        return x.new_zeros(*lead, d_out)
     base2 = None if base_input is None or same else base_input.reshape(-1, base_input.shape[-1])
     y, _ = _moe_lora(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
                      base_bias, same)
@@ -371,11 +366,9 @@ def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tens
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B = _autocast(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B)
     x2, lead = check_moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing)
-    if backend(x) == "reference":
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing, scale)
     d_out = fc2_weight.shape[0]
-    if x2.shape[0] == 0:
-        return x.new_zeros(*lead, d_out)
     y, _, _ = _moe_lora_ffn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing.indices,
                             routing.gates, float(scale))
     return y.reshape(*lead, d_out)
