@@ -6,6 +6,7 @@
 """
 
 from . import reference
+from .adapters import load_adapters, save_adapters
 from .checks import Routing
 from .convert import convert
 from .modules import ASEFFN, PLACEMENTS, ASEMlp, LoRAExperts, MoELoRALinear, ase_modules, task_ids
@@ -15,5 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "PLACEMENTS", "ASEFFN", "ASEMlp", "LoRAExperts", "MoELoRALinear", "Routing", "ase_modules", "backend",
-    "convert", "mi_loss", "moe_lora", "moe_lora_ffn", "reference", "route", "task_ids",
+    "convert", "load_adapters", "mi_loss", "moe_lora", "moe_lora_ffn", "reference", "route", "save_adapters",
+    "task_ids",
 ]

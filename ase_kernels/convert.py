@@ -86,6 +86,15 @@ def convert_module(model: nn.Module, name: str, options: dict) -> _Routed:
     return new
 
 
+def converted_type(module: nn.Module) -> str | None:
+    """The name of the ASE class that convert makes of module, or None where it cannot convert it."""
+    if isinstance(module, nn.Linear):
+        return "MoELoRALinear"
+    if _is_timm_mlp(module):
+        return "ASEMlp"
+    return "ASEFFN" if _ffn_width(module) else None
+
+
 def _ase_mlp(mlp: Mlp, **options) -> ASEMlp:
     """An ASEMlp holding mlp's own fc1/act/drop/norm/fc2 modules (fc1 and fc2 frozen)."""
     fc1, fc2 = mlp.fc1, mlp.fc2
@@ -144,7 +153,7 @@ def _matched(model: nn.Module, target) -> list[str]:
             module = modules[n]
             if any(n == r or n.startswith(r + ".") for r in routed):
                 wrong.append(f"{n} (already converted)")
-            elif not (isinstance(module, nn.Linear) or _is_timm_mlp(module) or _ffn_width(module)):
+            elif converted_type(module) is None:
                 wrong.append(f"{n} ({type(module).__name__}: neither an nn.Linear nor an FFN mapping d -> d)")
             elif n not in names:
                 names.append(n)

@@ -125,3 +125,39 @@ def test_a_gated_ffn_gets_experts_beside_it(backend):
     routing = ak.route(x, ffn.router, ids, top_k=2, num_shared=1)
     want = ffn.base(x) + ak.moe_lora(x, ffn.experts.A, ffn.experts.B, routing)
     assert_close("y", want, ffn(x, task_ids=ids))
+
+
+def test_a_llama_model_converts_trains_and_round_trips_its_adapters(tmp_path):
+    """Beyond vision: the gated MLPs of a small random LLaMA (transformers, built from its config) get experts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config).eval().requires_grad_(False)
+    tokens = torch.randint(0, 64, (4, 12))
+    ids = torch.tensor([0, 0, 1, 1])  # one task per sequence
+    before = llama(tokens).logits
+    ak.convert(llama, num_tasks=2, **CONFIG)
+    assert [type(layer.mlp) for layer in llama.model.layers] == [ak.ASEFFN, ak.ASEFFN]
+    with ak.task_ids(llama, ids):
+        assert torch.equal(llama(tokens).logits, before)
+    trainable = [p for p in llama.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 3  # router, A, B per layer
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    losses = []
+    for _ in range(8):
+        with ak.task_ids(llama, ids):
+            loss = llama(tokens, labels=tokens).loss
+        loss = loss + 0.005 * sum(m.mi_loss() for m in ak.ase_modules(llama))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    path = tmp_path / "llama-ase.safetensors"
+    ak.save_adapters(llama, path)
+    torch.manual_seed(0)
+    fresh = ak.load_adapters(LlamaForCausalLM(config).eval(), path)
+    with ak.task_ids(llama, ids), ak.task_ids(fresh, ids):
+        assert torch.equal(fresh(tokens).logits, llama(tokens).logits)
