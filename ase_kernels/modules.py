@@ -299,6 +299,12 @@ def task_ids(model: nn.Module, ids: torch.Tensor):
     """Hand task ids to every ASE module in model for calls made without ``task_ids`` (timm's blocks call
     ``mlp(x)``). ids: (B,) one per image, or (T,) one per token.
 
+    Backward may run after the block, also with activation checkpointing (timm's ``set_grad_checkpointing``,
+    ``torch.utils.checkpoint`` reentrant or not): a forward that autograd re-runs inside backward reuses the ids of
+    the module's last forward, so call backward before the next forward with other ids (the usual training step;
+    gradient accumulation with one backward per micro-batch is fine). Under torch.compile the recomputation is
+    part of the compiled graph and needs nothing.
+
     Example:
         >>> with ak.task_ids(vit, ids):  # doctest: +SKIP
         ...     out = vit(images)
