@@ -39,6 +39,7 @@ def _check_tensor(name: str, t, dim: int | None = None, dtype=None, device=None)
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
 
 
+@torch.compiler.assume_constant_result  # dynamo would trace a numpy integer as a tensor: call it, keep the int
 def integer(name: str, value) -> int:
     """value as a Python int: ints, numpy integers and anything with ``__index__`` (not bool, not float)."""
     if isinstance(value, bool):
@@ -100,6 +101,30 @@ def _check_task_values(task_ids: torch.Tensor, tasks: int) -> None:
     _last_checked = (weakref.ref(task_ids), task_ids._version, tasks)
 
 
+# routing indices made by route(), with their version: moe_lora trusts them without a value check
+_from_route = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def trust_indices(indices: torch.Tensor) -> None:
+    """Mark indices made by route() as in range, so that moe_lora skips their value check (while unmodified)."""
+    if not torch.compiler.is_compiling():
+        _from_route[indices] = indices._version
+
+
+def _check_index_values(indices: torch.Tensor, n: int) -> None:
+    """Every routing index must name one of the N experts, on every backend. On the CPU a bad index is a
+    ValueError; on an accelerator and under torch.compile the check runs on the device (torch._assert_async: no host
+    sync) and fails the stream. Indices fresh from route() are not checked again."""
+    if indices.numel() == 0 or (not torch.compiler.is_compiling() and _from_route.get(indices) == indices._version):
+        return
+    ok = ((indices >= 0) & (indices < n)).all()
+    if torch.compiler.is_compiling() or indices.device.type != "cpu":
+        torch._assert_async(ok, f"routing.indices must lie in [0, N={n})")
+    elif not ok:
+        raise ValueError(f"routing.indices must lie in [0, N={n}) (the experts of lora_A), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
 def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
     """Validate the arguments of ``route``. Returns x as (T, d_in) and task ids as (T,) int64."""
     check_x(x)
@@ -150,6 +175,7 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
         raise ValueError(
             f"routing must cover the {tokens} tokens of x: indices {tuple(indices.shape)}, gates {tuple(gates.shape)}"
         )
+    _check_index_values(indices, n)
     d_out = lora_B.shape[1]
     if base_weight is not None:
         _check_tensor("base_weight", base_weight, dim=2, dtype=x.dtype, device=x.device)

@@ -18,7 +18,7 @@ import types
 import torch
 
 from . import reference, torch_ops
-from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route
+from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, integer, trust_indices
 from .kernels.common import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
@@ -161,10 +161,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
     """
     x, router_weight = _autocast(x, router_weight)
     x2, ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
-    top_k, num_shared = int(top_k), int(num_shared)  # numpy integers passed the check; the op schema wants int
+    top_k, num_shared = integer("top_k", top_k), integer("num_shared", num_shared)  # the op schema wants int
     if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.route(x, router_weight, ids, top_k=top_k, num_shared=num_shared, mode=mode)
     gates, prob_sums, indices = _route(x2, router_weight, ids, top_k, num_shared, mode)
+    trust_indices(indices)
     return Routing(indices, gates, prob_sums)
 
 
