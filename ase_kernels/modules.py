@@ -1,7 +1,9 @@
 """nn.Modules: a LoRA-MoE Linear and an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``."""
 
 import contextlib
+import functools
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +40,8 @@ class _LastForward:
 
     def __init__(self):
         self.prob_sums = self.indices = self.gates = self.task_ids = None
+        # [ids] of each forward whose graph backward has not passed yet, latest last: checkpointing recomputes them
+        self.pending: list[list] = []
 
     def __reduce__(self):
         return _LastForward, ()
@@ -75,14 +79,22 @@ class _Routed(nn.Module):
                     alpha=self.alpha, num_tasks=self.num_tasks, mode=self.mode)
 
     def _route(self, x: torch.Tensor, task_ids: torch.Tensor | None):
-        ids = task_ids if task_ids is not None else self._task_ids
-        if ids is None and _recomputing():
-            # activation checkpointing runs forward again inside backward, after the task_ids block has exited:
-            # the ids this module's forward used are the ones it recomputes with
-            ids = self._last.task_ids
-        routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
-        # references only, no copies: the statistics are computed when someone asks for them
         last = self._last
+        ids = task_ids if task_ids is not None else self._task_ids
+        recomputing = ids is None and _recomputing()
+        if recomputing:
+            # Activation checkpointing runs forward again inside backward, after the task_ids block has exited. The
+            # forward recomputed is the latest one whose graph backward has not passed yet (backward visits the
+            # graphs of several forwards latest first); without such a record (reentrant checkpointing builds no
+            # graph in forward), the last forward.
+            ids = last.pending[-1][0] if last.pending else last.task_ids
+        routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
+        if not recomputing and routing.gates.requires_grad and not torch.compiler.is_compiling():
+            entry = [ids]
+            last.pending = last.pending[-_PENDING + 1:] + [entry]  # graphs never differentiated fall off the end
+            # a weak reference: the graph must not keep the holder (and through it, its own last graph) alive
+            routing.gates.register_hook(functools.partial(_passed, weakref.ref(last), entry))
+        # references only, no copies: the statistics are computed when someone asks for them
         last.prob_sums, last.indices, last.gates, last.task_ids = (routing.prob_sums, routing.indices.detach(),
                                                                    routing.gates.detach(), ids)
         return routing
@@ -283,6 +295,16 @@ class ASEFFN(_Routed):
         return self._routing_repr()
 
 
+_PENDING = 64  # forwards remembered for recomputation: more than any loop runs before its backward
+
+
+def _passed(last_ref: weakref.ref, entry: list, grad: torch.Tensor) -> None:
+    """Backward has passed the routing of the forward that recorded entry: it will not be recomputed again."""
+    last = last_ref()
+    if last is not None:
+        last.pending = [e for e in last.pending if e is not entry]
+
+
 def _recomputing() -> bool:
     """True while autograd runs a backward pass and the caller is not being traced: a forward called then is an
     activation-checkpointing recomputation. (Compiled graphs replay their recomputation without Python.)"""
@@ -301,9 +323,10 @@ def task_ids(model: nn.Module, ids: torch.Tensor):
 
     Backward may run after the block, also with activation checkpointing (timm's ``set_grad_checkpointing``,
     ``torch.utils.checkpoint`` reentrant or not): a forward that autograd re-runs inside backward reuses the ids of
-    the module's last forward, so call backward before the next forward with other ids (the usual training step;
-    gradient accumulation with one backward per micro-batch is fine). Under torch.compile the recomputation is
-    part of the compiled graph and needs nothing.
+    the forward it recomputes. With non-reentrant checkpointing (timm's default) that holds for several forwards
+    (one per task, say) before one backward; reentrant checkpointing records no graph in forward, so there the
+    last forward's ids are used: call backward before the next forward with other ids. Under torch.compile the
+    recomputation is part of the compiled graph and needs nothing.
 
     Example:
         >>> with ak.task_ids(vit, ids):  # doctest: +SKIP

@@ -196,6 +196,28 @@ def test_task_ids_survive_activation_checkpointing(backend, how):
         vit(images)
 
 
+def test_several_forwards_then_one_backward_recompute_each_with_its_own_ids(backend):
+    """One forward per task, one backward of the summed losses: each recomputation takes its own forward's ids."""
+    mlp = functools.partial(ak.ASEMlp, num_tasks=3, **CONFIG)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
+    for m in ak.ase_modules(vit):
+        _randomise_experts(m)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        vit.zero_grad()
+        vit.set_grad_checkpointing(checkpointing)
+        loss = 0
+        for task in range(3):
+            with ak.task_ids(vit, torch.full((2,), task, device=DEVICE)):
+                loss = loss + (task + 1) * vit(images).square().mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in vit.named_parameters()})
+        assert all(not m._last.pending for m in ak.ase_modules(vit)), "backward passed every forward"
+    for name in grads[0]:
+        assert_close(name, grads[0][name], grads[1][name])
+
+
 def test_task_ids_and_checkpointing_under_torch_compile(backend):
     mlp = functools.partial(ak.ASEMlp, num_tasks=2, **CONFIG)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
