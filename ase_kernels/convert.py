@@ -65,6 +65,8 @@ def convert(model: nn.Module, *, target: str | Iterable[str] | None = None, **op
 
 def convert_module(model: nn.Module, name: str, options: dict) -> _Routed:
     """Replace the submodule called name (an nn.Linear, a timm Mlp or an FFN mapping d -> d) by its ASE module."""
+    if not name:
+        raise ValueError(f"convert replaces submodules in place; the model itself ({type(model).__name__}) is not one")
     module = model.get_submodule(name)
     placement = options.get("placement", "ffn")
     routing = {k: v for k, v in options.items() if k != "placement"}

@@ -150,7 +150,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
     Returns:
         :class:`Routing` with indices (T, k + S) int64, gates (T, k + S) float32 and prob_sums (tasks, N)
         float32. Gates are float32 whatever x's dtype, so adaptive gates sum to 1 to float32 precision. Gradients
-        flow from gates and prob_sums into x and router_weight; ties in top-k go to the lower expert index.
+        flow from gates and prob_sums into x and router_weight; ties in top-k go to the lower expert index. A NaN
+        logit ranks above every number (selected, its NaN reaching the gates and prob_sums), on every backend.
 
     Example:
         >>> import torch, ase_kernels as ak

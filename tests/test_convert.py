@@ -8,6 +8,7 @@ from conftest import DEVICE
 from helpers import assert_close
 
 import ase_kernels as ak
+from ase_kernels.convert import convert_module
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2)
 
@@ -96,6 +97,8 @@ def test_converting_twice_and_bad_options_are_errors():
         ak.convert(_tiny_vit(), target="head", placement="fc1", **CONFIG)
     with pytest.raises(TypeError, match="top_k must be an integer, got float 2.0"):
         ak.convert(_tiny_vit(), top_k=2.0)
+    with pytest.raises(ValueError, match=r"the model itself \(Linear\) is not one"):
+        convert_module(torch.nn.Linear(4, 4), "", CONFIG)
 
 
 class SwiGLU(torch.nn.Module):
