@@ -107,7 +107,7 @@ _from_route = torch.utils.weak.WeakIdKeyDictionary()
 
 def trust_indices(indices: torch.Tensor) -> None:
     """Mark indices made by route() as in range, so that moe_lora skips their value check (while unmodified)."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not indices.is_inference():  # inference tensors have no version
         _from_route[indices] = indices._version
 
 
@@ -115,7 +115,8 @@ def _check_index_values(indices: torch.Tensor, n: int) -> None:
     """Every routing index must name one of the N experts, on every backend. On the CPU a bad index is a
     ValueError; on an accelerator and under torch.compile the check runs on the device (torch._assert_async: no host
     sync) and fails the stream. Indices fresh from route() are not checked again."""
-    if indices.numel() == 0 or (not torch.compiler.is_compiling() and _from_route.get(indices) == indices._version):
+    if indices.numel() == 0 or (not torch.compiler.is_compiling() and not indices.is_inference()
+                                and _from_route.get(indices) == indices._version):
         return
     ok = ((indices >= 0) & (indices < n)).all()
     if torch.compiler.is_compiling() or indices.device.type != "cpu":
