@@ -164,3 +164,11 @@ def test_a_llama_model_converts_trains_and_round_trips_its_adapters(tmp_path):
     fresh = ak.load_adapters(LlamaForCausalLM(config).eval(), path)
     with ak.task_ids(llama, ids), ak.task_ids(fresh, ids):
         assert torch.equal(fresh(tokens).logits, llama(tokens).logits)
+
+
+def test_a_converted_model_compiles_fullgraph(backend):
+    model = ak.convert(torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16)).to(DEVICE), num_tasks=2, **CONFIG)
+    torch.nn.init.normal_(model[0].experts.B)
+    x, ids = torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    with ak.task_ids(model, ids):
+        assert_close("y", model(x), torch.compile(model, fullgraph=True)(x))
