@@ -1,4 +1,5 @@
-"""nn.Modules: a LoRA-MoE Linear and an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``."""
+"""nn.Modules: a LoRA-MoE Linear, an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``, and ASE
+experts beside any other d -> d FFN."""
 
 import contextlib
 import functools
@@ -312,7 +313,7 @@ def _recomputing() -> bool:
 
 
 def ase_modules(model: nn.Module) -> Iterator[_Routed]:
-    """The ASE modules (ASEMlp, MoELoRALinear) inside model, in registration order."""
+    """The ASE modules (ASEMlp, MoELoRALinear, ASEFFN) inside model, in registration order."""
     return (m for m in model.modules() if isinstance(m, _Routed))
 
 
