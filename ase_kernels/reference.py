@@ -102,7 +102,7 @@ def moe_lora(x, lora_A, lora_B, routing: Routing, scale: float = 1.0, base_input
     indices, gates = routing.indices, routing.gates
     delta = x2.new_zeros(x2.shape[0], d_out, dtype=lora_B.dtype)  # (T, d_out)
     for i in range(n):
-        g = (gates * (indices == i)).sum(dim=-1, keepdim=True).to(delta.dtype)  # (T, 1), 0 where i not selected
+        g = torch.where(indices == i, gates, 0).sum(dim=-1, keepdim=True).to(delta.dtype)  # (T, 1), 0 if unselected
         delta = delta + g * (x2.to(lora_A.dtype) @ lora_A[i].T @ lora_B[i].T)  # B_i A_i x
     y = scale * delta
     if base_weight is not None:
