@@ -7,6 +7,8 @@ prob_sums of its task and the output, never hidden behind finite gates; +-inf fo
 """
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,7 +30,14 @@ def run(request, monkeypatch):
     monkeypatch.setenv("ASE_KERNELS_BACKEND", name)
     if compiled:
         torch._dynamo.reset()
-    return lambda fn, *args: (torch.compile(fn, fullgraph=True) if compiled else fn)(*args)
+    return _runner(bool(compiled))
+
+
+def _runner(compiled: bool):
+    def run(fn, *args):
+        return (torch.compile(fn, fullgraph=True) if compiled else fn)(*args)
+    run.compiled = compiled
+    return run
 
 
 def _inputs(tokens=TOKENS):
@@ -98,6 +107,21 @@ def test_the_poisoned_cases_are_poisoned():
 @pytest.mark.parametrize("bad", [N, -1])
 @pytest.mark.parametrize("op", ["moe_lora", "moe_lora_ffn"])
 def test_an_out_of_range_routing_index_is_an_error(run, op, bad):
+    if DEVICE.type == "cuda":
+        # a device-side assertion leaves the CUDA context unusable: provoke it in a child process
+        script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_backends as t; "
+                  f"t.call_with_a_bad_index(t._runner({run.compiled}), {op!r}, {bad}); import torch; "
+                  "torch.cuda.synchronize()")
+        child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert child.returncode != 0, f"no error from an index of {bad}:\n{child.stdout}{child.stderr}"
+        assert "routing.indices must lie in" in child.stderr or "device-side assert" in child.stderr, child.stderr
+        return
+    with pytest.raises((ValueError, RuntimeError), match=r"routing.indices must lie in \[0, N=8\)"):
+        call_with_a_bad_index(run, op, bad)
+
+
+def call_with_a_bad_index(run, op: str, bad: int):
+    """moe_lora or moe_lora_ffn on a routing whose index [3, 0] is bad."""
     x, w, ids, a, b, w1, b1, w2, b2 = (t.to(DEVICE) for t in _inputs())
     r = ak.route(x, w, ids, top_k=K, num_shared=S)
     indices = r.indices.clone()
@@ -109,10 +133,7 @@ def test_an_out_of_range_routing_index_is_an_error(run, op, bad):
             return ak.moe_lora(x, a, b, ak.Routing(indices, gates, r.prob_sums))
         return ak.moe_lora_ffn(x, w1, b1, w2, b2, a, b, ak.Routing(indices, gates, r.prob_sums))
 
-    with pytest.raises((ValueError, RuntimeError), match=r"routing.indices must lie in \[0, N=8\)"):
-        run(call, x, routing.indices, routing.gates)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+    run(call, x, routing.indices, routing.gates)
 
 
 def test_an_index_changed_in_place_after_route_is_checked(monkeypatch):
