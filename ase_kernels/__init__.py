@@ -6,13 +6,16 @@
 """
 
 from . import reference
+from .adapters import load_adapters, save_adapters
 from .checks import Routing
-from .modules import PLACEMENTS, ASEMlp, LoRAExperts, MoELoRALinear, ase_modules, task_ids
+from .convert import convert
+from .modules import ASEFFN, PLACEMENTS, ASEMlp, LoRAExperts, MoELoRALinear, ase_modules, task_ids
 from .ops import BACKENDS, backend, mi_loss, moe_lora, moe_lora_ffn, route
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "PLACEMENTS", "ASEMlp", "LoRAExperts", "MoELoRALinear", "Routing", "ase_modules", "backend",
-    "mi_loss", "moe_lora", "moe_lora_ffn", "reference", "route", "task_ids",
+    "BACKENDS", "PLACEMENTS", "ASEFFN", "ASEMlp", "LoRAExperts", "MoELoRALinear", "Routing", "ase_modules", "backend",
+    "convert", "load_adapters", "mi_loss", "moe_lora", "moe_lora_ffn", "reference", "route", "save_adapters",
+    "task_ids",
 ]

@@ -4,6 +4,7 @@ Each check raises ``ValueError`` (shapes, values) or ``TypeError`` (dtypes, type
 got and what was expected, before any kernel runs.
 """
 
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -36,6 +37,17 @@ def _check_tensor(name: str, t, dim: int | None = None, dtype=None, device=None)
         raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+
+
+@torch.compiler.assume_constant_result  # dynamo would trace a numpy integer as a tensor: call it, keep the int
+def integer(name: str, value) -> int:
+    """value as a Python int: ints, numpy integers and anything with ``__index__`` (not bool, not float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def check_x(x) -> None:
@@ -80,8 +92,9 @@ def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
         torch._assert_async(((task_ids >= 0) & (task_ids < tasks)).all(),
                             f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks)")
         return _per_token(task_ids, per_row)
-    key = (task_ids._version, tasks, tokens)
-    if _ids_cache is not None and _ids_cache[0]() is task_ids and _ids_cache[1:4] == key:
+    # an inference tensor has no version counter to key the cache on: it is checked at every call
+    key = None if task_ids.is_inference() else (task_ids._version, tasks, tokens)
+    if key is not None and _ids_cache is not None and _ids_cache[0]() is task_ids and _ids_cache[1:4] == key:
         return _ids_cache[4]
     ids, offsets = _per_token(task_ids, per_row), None
     if ids.numel():
@@ -90,7 +103,8 @@ def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
             raise ValueError(f"task_ids must lie in [0, {tasks}) (router_weight has {tasks} tasks), got [{lo}, {hi}]")
         if task_major:  # each task's tokens are one range: gradient reductions walk only their own task's range
             offsets = torch.searchsorted(ids, torch.arange(tasks + 1, device=ids.device))
-    _ids_cache = (weakref.ref(task_ids), *key, ids, offsets)
+    if key is not None:
+        _ids_cache = (weakref.ref(task_ids), *key, ids, offsets)
     return ids
 
 
@@ -123,6 +137,31 @@ def _zeros(tokens: int, device: torch.device) -> torch.Tensor:
     return buf[:tokens]
 
 
+# routing indices made by route(), with their version: moe_lora trusts them without a value check
+_from_route = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def trust_indices(indices: torch.Tensor) -> None:
+    """Mark indices made by route() as in range, so that moe_lora skips their value check (while unmodified)."""
+    if not torch.compiler.is_compiling() and not indices.is_inference():  # inference tensors have no version
+        _from_route[indices] = indices._version
+
+
+def _check_index_values(indices: torch.Tensor, n: int) -> None:
+    """Every routing index must name one of the N experts, on every backend. On the CPU a bad index is a
+    ValueError; on an accelerator and under torch.compile the check runs on the device (torch._assert_async: no host
+    sync) and fails the stream. Indices fresh from route() are not checked again."""
+    if indices.numel() == 0 or (not torch.compiler.is_compiling() and not indices.is_inference()
+                                and _from_route.get(indices) == indices._version):
+        return
+    ok = ((indices >= 0) & (indices < n)).all()
+    if torch.compiler.is_compiling() or indices.device.type != "cpu":
+        torch._assert_async(ok, f"routing.indices must lie in [0, N={n})")
+    elif not ok:
+        raise ValueError(f"routing.indices must lie in [0, N={n}) (the experts of lora_A), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
 def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
     """Validate the arguments of ``route``. Returns x as (T, d_in) and task ids as (T,) int64."""
     check_x(x)
@@ -132,11 +171,12 @@ def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
         raise ValueError(f"router_weight must have shape (tasks, N, {x.shape[-1]}), got {tuple(router_weight.shape)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(num_shared, int) or not 0 <= num_shared <= n:
+    num_shared, top_k = integer("num_shared", num_shared), integer("top_k", top_k)
+    if not 0 <= num_shared <= n:
         raise ValueError(f"num_shared must be an int in [0, N={n}], got {num_shared!r}")
     if mode == "none" and num_shared != 0:
         raise ValueError(f"mode 'none' has no shared experts: num_shared must be 0, got {num_shared}")
-    if not isinstance(top_k, int) or not 0 <= top_k <= n - num_shared:
+    if not 0 <= top_k <= n - num_shared:
         raise ValueError(f"top_k must be an int in [0, N - S = {n - num_shared}] (the sparse pool), got {top_k!r}")
     if top_k + num_shared == 0:
         raise ValueError("top_k + num_shared must be at least 1: every token needs an active expert")
@@ -172,6 +212,7 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
         raise ValueError(
             f"routing must cover the {tokens} tokens of x: indices {tuple(indices.shape)}, gates {tuple(gates.shape)}"
         )
+    _check_index_values(indices, n)
     d_out = lora_B.shape[1]
     if base_weight is not None:
         _check_tensor("base_weight", base_weight, dim=2, dtype=x.dtype, device=x.device)

@@ -1,13 +1,16 @@
-"""nn.Modules: a LoRA-MoE Linear and an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``."""
+"""nn.Modules: a LoRA-MoE Linear, an ASE FFN that drops into timm's ViT in place of ``timm.layers.Mlp``, and ASE
+experts beside any other d -> d FFN."""
 
 import contextlib
+import functools
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .checks import MODES
+from .checks import MODES, integer
 from .ops import mi_loss, moe_lora, moe_lora_ffn, route
 
 PLACEMENTS = ("ffn", "fc1", "fc2", "fc1+fc2")
@@ -38,6 +41,8 @@ class _LastForward:
 
     def __init__(self):
         self.prob_sums = self.indices = self.gates = self.task_ids = None
+        # [ids] of each forward whose graph backward has not passed yet, latest last: checkpointing recomputes them
+        self.pending: list[list] = []
 
     def __reduce__(self):
         return _LastForward, ()
@@ -47,6 +52,10 @@ class _Routed(nn.Module):
     """What every ASE module shares: the task routers, the routing call, and the statistics of its last call."""
 
     def _init_routing(self, in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype):
+        num_experts, top_k, num_shared, rank, num_tasks = (
+            integer(name, value) for name, value in (("num_experts", num_experts), ("top_k", top_k),
+                                                     ("num_shared", num_shared), ("rank", rank),
+                                                     ("num_tasks", num_tasks)))
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= num_shared <= num_experts or not 0 <= top_k <= num_experts - num_shared:
@@ -58,17 +67,35 @@ class _Routed(nn.Module):
             raise ValueError(f"num_tasks and rank must be >= 1, got num_tasks={num_tasks}, rank={rank}")
         self.num_experts, self.top_k, self.num_shared, self.rank = num_experts, top_k, num_shared, rank
         self.num_tasks, self.mode = num_tasks, mode
-        self.scale = (alpha if alpha is not None else rank) / rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.scale = self.alpha / rank
         # zero-initialised as in Mod-Squad: every token starts with equal logits, so top-k ties go to low indices
         self.router = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features, device=device, dtype=dtype))
         self._task_ids: torch.Tensor | None = None  # set by ase_kernels.task_ids(model, ids)
         self._last = _LastForward()
 
+    def options(self) -> dict:
+        """The keyword arguments that rebuild this module's experts and routers (``ak.convert`` takes them)."""
+        return dict(num_experts=self.num_experts, top_k=self.top_k, num_shared=self.num_shared, rank=self.rank,
+                    alpha=self.alpha, num_tasks=self.num_tasks, mode=self.mode)
+
     def _route(self, x: torch.Tensor, task_ids: torch.Tensor | None):
-        ids = task_ids if task_ids is not None else self._task_ids
-        routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
-        # references only, no copies: the statistics are computed when someone asks for them
         last = self._last
+        ids = task_ids if task_ids is not None else self._task_ids
+        recomputing = ids is None and _recomputing()
+        if recomputing:
+            # Activation checkpointing runs forward again inside backward, after the task_ids block has exited. The
+            # forward recomputed is the latest one whose graph backward has not passed yet (backward visits the
+            # graphs of several forwards latest first); without such a record (reentrant checkpointing builds no
+            # graph in forward), the last forward.
+            ids = last.pending[-1][0] if last.pending else last.task_ids
+        routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
+        if not recomputing and routing.gates.requires_grad and not torch.compiler.is_compiling():
+            entry = [ids]
+            last.pending = last.pending[-_PENDING + 1:] + [entry]  # graphs never differentiated fall off the end
+            # a weak reference: the graph must not keep the holder (and through it, its own last graph) alive
+            routing.gates.register_hook(functools.partial(_passed, weakref.ref(last), entry))
+        # references only, no copies: the statistics are computed when someone asks for them
         last.prob_sums, last.indices, last.gates, last.task_ids = (routing.prob_sums, routing.indices.detach(),
                                                                    routing.gates.detach(), ids)
         return routing
@@ -233,8 +260,60 @@ class ASEMlp(_Routed):
         return f"placement={self.placement!r}, {self._routing_repr()}"
 
 
+class ASEFFN(_Routed):
+    """Any feed-forward module mapping d -> d (the gated SwiGLU MLP of LLaMA-family models, for one) with Adaptive
+    Shared Experts in parallel, routed from its input (the paper's Eq. 10): ``y = base(x) + scale * sum_i g_i B_i A_i
+    x``. ``ak.convert`` builds it around a loaded module; the module is frozen and called unchanged.
+
+    Args:
+        base: the FFN; its forward takes x (..., features) first and returns (..., features).
+        features: d. The other arguments are those of :class:`MoELoRALinear`.
+
+    Example:
+        >>> import torch, ase_kernels as ak
+        >>> ffn = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16))
+        >>> ase = ak.ASEFFN(ffn, 16, num_experts=8, top_k=2, num_shared=1, rank=2)
+        >>> x = torch.randn(3, 5, 16)
+        >>> torch.equal(ase(x), ffn(x))  # B starts at zero
+        True
+    """
+
+    def __init__(self, base: nn.Module, features: int, *, num_experts: int = 32, top_k: int = 6, num_shared: int = 2,
+                 rank: int = 2, alpha: float | None = None, num_tasks: int = 1, mode: str = "adaptive", device=None,
+                 dtype=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self._init_routing(features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, device, dtype)
+        self.experts = LoRAExperts(num_experts, rank, features, features, device, dtype)
+
+    def forward(self, x: torch.Tensor, *args, task_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """x: (..., features); task_ids: (T,) or one per leading batch row, or None; other arguments go to the
+        wrapped module. Returns (..., features)."""
+        routing = self._route(x, task_ids)
+        return self.base(x, *args, **kwargs) + moe_lora(x, self.experts.A, self.experts.B, routing, self.scale)
+
+    def extra_repr(self) -> str:
+        return self._routing_repr()
+
+
+_PENDING = 64  # forwards remembered for recomputation: more than any loop runs before its backward
+
+
+def _passed(last_ref: weakref.ref, entry: list, grad: torch.Tensor) -> None:
+    """Backward has passed the routing of the forward that recorded entry: it will not be recomputed again."""
+    last = last_ref()
+    if last is not None:
+        last.pending = [e for e in last.pending if e is not entry]
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass and the caller is not being traced: a forward called then is an
+    activation-checkpointing recomputation. (Compiled graphs replay their recomputation without Python.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def ase_modules(model: nn.Module) -> Iterator[_Routed]:
-    """The ASE modules (ASEMlp, MoELoRALinear) inside model, in registration order."""
+    """The ASE modules (ASEMlp, MoELoRALinear, ASEFFN) inside model, in registration order."""
     return (m for m in model.modules() if isinstance(m, _Routed))
 
 
@@ -242,6 +321,13 @@ def ase_modules(model: nn.Module) -> Iterator[_Routed]:
 def task_ids(model: nn.Module, ids: torch.Tensor):
     """Hand task ids to every ASE module in model for calls made without ``task_ids`` (timm's blocks call
     ``mlp(x)``). ids: (B,) one per image, or (T,) one per token.
+
+    Backward may run after the block, also with activation checkpointing (timm's ``set_grad_checkpointing``,
+    ``torch.utils.checkpoint`` reentrant or not): a forward that autograd re-runs inside backward reuses the ids of
+    the forward it recomputes. With non-reentrant checkpointing (timm's default) that holds for several forwards
+    (one per task, say) before one backward; reentrant checkpointing records no graph in forward, so there the
+    last forward's ids are used: call backward before the next forward with other ids. Under torch.compile the
+    recomputation is part of the compiled graph and needs nothing.
 
     Example:
         >>> with ak.task_ids(vit, ids):  # doctest: +SKIP

@@ -19,7 +19,7 @@ import types
 import torch
 
 from . import reference, torch_ops
-from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, task_offsets
+from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, integer, task_offsets, trust_indices
 from .kernels.common import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
@@ -186,7 +186,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
     Returns:
         :class:`Routing` with indices (T, k + S) int64, gates (T, k + S) float32 and prob_sums (tasks, N)
         float32. Gates are float32 whatever x's dtype, so adaptive gates sum to 1 to float32 precision. Gradients
-        flow from gates and prob_sums into x and router_weight; ties in top-k go to the lower expert index.
+        flow from gates and prob_sums into x and router_weight; ties in top-k go to the lower expert index. A NaN
+        logit ranks above every number (selected, its NaN reaching the gates and prob_sums), on every backend.
 
     Example:
         >>> import torch, ase_kernels as ak
@@ -197,13 +198,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
     """
     x, router_weight = _autocast(x, router_weight)
     x2, ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
-    if backend(x) == "reference":
+    top_k, num_shared = integer("top_k", top_k), integer("num_shared", num_shared)  # the op schema wants int
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.route(x, router_weight, ids, top_k=top_k, num_shared=num_shared, mode=mode)
-    if x2.shape[0] == 0:
-        ks, gdt = top_k + num_shared, _gate_dtype(x)
-        return Routing(x2.new_empty(0, ks, dtype=torch.int64), x2.new_empty(0, ks, dtype=gdt),
-                       (router_weight.sum(-1) * 0).to(gdt))
     gates, prob_sums, indices = _route_call(x2, router_weight, ids, top_k, num_shared, mode)
+    trust_indices(indices)
     return Routing(indices, gates, prob_sums)
 
 
@@ -316,11 +315,9 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
     if same:
         base_input = x
     x2, lead = check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bias)
-    if backend(x) == "reference":
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.moe_lora(x, lora_A, lora_B, routing, scale, base_input, base_weight, base_bias)
     d_out = lora_B.shape[1]
-    if x2.shape[0] == 0:
-        return x.new_zeros(*lead, d_out)
     base2 = None if base_input is None or same else base_input.reshape(-1, base_input.shape[-1])
     y, _ = _moe_lora_call(x2, lora_A, lora_B, routing.indices, routing.gates, float(scale), base2, base_weight,
                      base_bias, same)
@@ -428,11 +425,9 @@ def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tens
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B = _autocast(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B)
     x2, lead = check_moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing)
-    if backend(x) == "reference":
+    if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing, scale)
     d_out = fc2_weight.shape[0]
-    if x2.shape[0] == 0:
-        return x.new_zeros(*lead, d_out)
     y, _, _ = _moe_lora_ffn_call(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing.indices,
                             routing.gates, float(scale))
     return y.reshape(*lead, d_out)

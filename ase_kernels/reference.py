@@ -24,15 +24,20 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.
 def select_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest sparse logits per token (Eq. 6), ties to the lower expert index.
 
-    logits: (T, N - S). Returns (T, k) int64, best first.
+    A NaN logit ranks above every number (as in torch.sort and torch.argmax), so a NaN router output is selected
+    and propagates into the gates instead of being hidden; -inf logits are selected like any other value.
+
+    logits: (T, N - S). Returns (T, k) int64, best first, k distinct experts.
     """
     selected = [logits.new_empty(logits.shape[0], 0, dtype=torch.int64)]  # k = 0: only shared experts
-    z = logits.clone()
+    taken = torch.zeros_like(logits, dtype=torch.bool)  # (T, N - S)
     for _ in range(k):
-        # argmax returns the first maximal index, so ties resolve to the lower expert.
-        best = z.argmax(dim=-1)  # (T,)
+        nan = logits.isnan() & ~taken
+        top = logits.masked_fill(taken | nan, float("-inf")).amax(dim=-1, keepdim=True)  # (T, 1)
+        best_set = torch.where(nan.any(dim=-1, keepdim=True), nan, ~taken & (logits == top))
+        best = best_set.int().argmax(dim=-1)  # (T,): the first candidate, so ties go to the lower expert
         selected.append(best[:, None])
-        z = z.scatter(-1, best[:, None], float("-inf"))
+        taken = taken.scatter(-1, best[:, None], True)
     return torch.cat(selected, dim=-1)  # (T, k)
 
 
@@ -97,7 +102,7 @@ def moe_lora(x, lora_A, lora_B, routing: Routing, scale: float = 1.0, base_input
     indices, gates = routing.indices, routing.gates
     delta = x2.new_zeros(x2.shape[0], d_out, dtype=lora_B.dtype)  # (T, d_out)
     for i in range(n):
-        g = (gates * (indices == i)).sum(dim=-1, keepdim=True).to(delta.dtype)  # (T, 1), 0 where i not selected
+        g = torch.where(indices == i, gates, 0).sum(dim=-1, keepdim=True).to(delta.dtype)  # (T, 1), 0 if unselected
         delta = delta + g * (x2.to(lora_A.dtype) @ lora_A[i].T @ lora_B[i].T)  # B_i A_i x
     y = scale * delta
     if base_weight is not None:

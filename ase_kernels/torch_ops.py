@@ -109,10 +109,9 @@ def moe_lora_fwd(x, lora_A, lora_B, indices, gates, scale: float, base_input, ba
     u_gated = u * dense_gates(indices, gates.to(acc), n, rank) * scale
     b_all = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], n * rank).to(acc)  # (d_out, R), column n*r+j = B_n[:, j]
     y = u_gated @ b_all.T
-    if base_weight is not None:
-        y = y + base_input.to(acc) @ base_weight.to(acc).T
-        if base_bias is not None:
-            y = y + base_bias.to(acc)
+    if base_weight is not None:  # F.linear, as nn.Linear computes it: a fresh layer (B = 0) returns its base exactly
+        bias = base_bias.to(acc) if base_bias is not None else None
+        y = torch.nn.functional.linear(base_input.to(acc), base_weight.to(acc), bias) + y
     return y.to(x.dtype), u
 
 

@@ -25,13 +25,21 @@ def tol(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.dtype | None = None,
-                 rtol: float | None = None, atol: float | None = None) -> None:
-    """Elementwise |out - ref| <= atol * max|ref| + rtol * |ref|; on failure, say where and by how much."""
+                 rtol: float | None = None, atol: float | None = None, nonfinite: bool = False) -> None:
+    """Elementwise |out - ref| <= atol * max|ref| + rtol * |ref|; on failure, say where and by how much.
+    nonfinite: NaN and +-inf are expected, at exactly the reference's places; the finite rest is compared."""
     assert out is not None, f"{name}: no value (a gradient that was never computed?)"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     if rtol is None:
         rtol, atol = tol(dtype if dtype is not None else out.dtype)
     ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
+    if nonfinite:
+        for what, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+            assert torch.equal(where(ref64), where(out64)), (
+                f"{name}: {what} at {torch.nonzero(where(out64))[:5].tolist()}, reference has it at "
+                f"{torch.nonzero(where(ref64))[:5].tolist()}")
+        finite = torch.isfinite(ref64)
+        ref64, out64 = ref64[finite], out64[finite]
     assert torch.isfinite(out64).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(out64))[:5]}"
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     err = (out64 - ref64).abs()

@@ -112,6 +112,18 @@ def test_task_ids_are_checked_again_after_an_in_place_change(any_backend):
         ak.route(x, w, ids, top_k=2, num_shared=1)
 
 
+def test_task_ids_made_in_inference_mode_are_checked(any_backend):
+    """An inference tensor has no version counter to cache its check on: it is checked at every call."""
+    x, w, ids = _route_args()
+    want = ak.route(x, w, ids, top_k=2, num_shared=1).gates
+    with torch.inference_mode():
+        ids = ids.clone()
+        assert torch.equal(ak.route(x, w, ids, top_k=2, num_shared=1).gates, want)
+        ids[0] = 5
+        with pytest.raises(ValueError, match="task_ids must lie in"):
+            ak.route(x, w, ids, top_k=2, num_shared=1)
+
+
 def _ffn_args(d=8, hidden=20, d_out=5):
     x, a, b, routing = _moe_args(d_in=d, d_out=d_out)
     w1, b1 = torch.randn(hidden, d, device=DEVICE), torch.randn(hidden, device=DEVICE)

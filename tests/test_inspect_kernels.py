@@ -53,7 +53,7 @@ def test_variants_have_compiler_facts(report):
     data, _ = report
     for v in data["variants"]:
         assert 0 < v["regs"] <= 255, v
-        assert v["spill_store"] >= 0 and v["spill_load"] >= 0 and v["smem"] > 0, v
+        assert v["spill_store"] >= 0 and v["spill_load"] >= 0 and v["smem"] >= 0, v
         assert v["programs_per_sm"] >= 1, v  # every variant fits an H100 SM
     assert any(v["hgmma_in_loop"] for v in data["variants"]), "no wgmma main loop compiled for sm_90"
 

@@ -162,3 +162,74 @@ def test_a_module_copies_and_pickles_after_a_training_forward(backend):
     assert clone.last_prob_sums is None and ase.last_prob_sums is not None
     torch.save(ase, io.BytesIO())
     assert_close("router", ase.router, clone.router)
+
+
+def _checkpointed_vit_grads(vit, images, ids, how: str, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """Gradients of a loss of the ViT's features, with backward called AFTER the task_ids block has exited."""
+    vit.zero_grad()
+    vit.set_grad_checkpointing(checkpointing and how == "timm")
+    with ak.task_ids(vit, ids):
+        if checkpointing and how != "timm":
+            x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+            x = torch.utils.checkpoint.checkpoint(vit.blocks, x, use_reentrant=how == "reentrant")
+            out = vit.forward_head(vit.norm(x))
+        else:
+            out = vit(images)
+    out.square().mean().backward()
+    return {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("how", ["timm", "reentrant", "non-reentrant"])
+def test_task_ids_survive_activation_checkpointing(backend, how):
+    """Recomputation runs inside backward, after the block: the modules reuse the ids their forward used."""
+    mlp = functools.partial(ak.ASEMlp, num_tasks=3, **CONFIG)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
+    for m in ak.ase_modules(vit):
+        _randomise_experts(m)
+    images, ids = torch.randn(3, 3, 32, 32, device=DEVICE), torch.tensor([2, 0, 1], device=DEVICE)
+    want = _checkpointed_vit_grads(vit, images, ids, how, checkpointing=False)
+    got = _checkpointed_vit_grads(vit, images, ids, how, checkpointing=True)
+    assert want.keys() == got.keys() and "blocks.1.mlp.router" in got
+    for name in want:
+        assert_close(name, want[name], got[name])
+    with pytest.raises(ValueError, match="task_ids is required"):  # outside backward the ids are still needed
+        vit(images)
+
+
+def test_several_forwards_then_one_backward_recompute_each_with_its_own_ids(backend):
+    """One forward per task, one backward of the summed losses: each recomputation takes its own forward's ids."""
+    mlp = functools.partial(ak.ASEMlp, num_tasks=3, **CONFIG)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
+    for m in ak.ase_modules(vit):
+        _randomise_experts(m)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        vit.zero_grad()
+        vit.set_grad_checkpointing(checkpointing)
+        loss = 0
+        for task in range(3):
+            with ak.task_ids(vit, torch.full((2,), task, device=DEVICE)):
+                loss = loss + (task + 1) * vit(images).square().mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in vit.named_parameters()})
+        assert all(not m._last.pending for m in ak.ase_modules(vit)), "backward passed every forward"
+    for name in grads[0]:
+        assert_close(name, grads[0][name], grads[1][name])
+
+
+def test_task_ids_and_checkpointing_under_torch_compile(backend):
+    mlp = functools.partial(ak.ASEMlp, num_tasks=2, **CONFIG)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
+    for m in ak.ase_modules(vit):
+        _randomise_experts(m)
+    images, ids = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
+    want = _checkpointed_vit_grads(vit, images, ids, "timm", checkpointing=False)
+    vit.set_grad_checkpointing(True)
+    compiled = torch.compile(vit)
+    vit.zero_grad()
+    with ak.task_ids(vit, ids):
+        out = compiled(images)
+    out.square().mean().backward()
+    for name, p in vit.named_parameters():
+        assert_close(name, want[name], p.grad)

@@ -91,17 +91,24 @@ def _route_fwd_kernel(
         part = tl.sum(tl.where((task == tt)[:, None], p, 0.0), axis=0)
         tl.store(psum_ptr + (pid * NUM_TASKS + tt) * N + offs_n, part, mask=mask_n)
 
-    # top-k over the sparse logits, then the shared experts, gathered into (BLOCK_T, k + S) tiles
+    # top-k over the sparse logits, then the shared experts, gathered into (BLOCK_T, k + S) tiles. The order is the
+    # reference's: NaN first (it propagates into the gates; tl.max/argmax would skip it on a GPU), then the largest,
+    # ties to the lower index; taken columns are masked, not set to -inf, so -inf logits are taken once each.
     sparse = offs_n < N - NUM_SHARED
     offs_j = tl.arange(0, BLOCK_KS)
     idx = tl.zeros((BLOCK_T, BLOCK_KS), dtype=tl.int32)
     val = tl.full((BLOCK_T, BLOCK_KS), float("-inf"), dtype=tl.float32)
-    z_left = tl.where(sparse[None, :], z, float("-inf"))
+    open_ = sparse[None, :] & mask_t[:, None]
     for j in tl.static_range(TOP_K):
-        best = tl.argmax(z_left, axis=1, tie_break_left=True)
+        nan = open_ & (z != z)
+        top = tl.max(tl.where(open_ & (z == z), z, float("-inf")), axis=1)
+        has_nan = tl.sum(nan.to(tl.int32), axis=1) > 0
+        best_set = tl.where(has_nan[:, None], nan, open_ & (z == top[:, None]))
+        best = tl.min(tl.where(best_set, offs_n[None, :], BLOCK_N), axis=1)
+        chosen = offs_n[None, :] == best[:, None]
         idx = tl.where(offs_j[None, :] == j, best[:, None], idx)
-        val = tl.where(offs_j[None, :] == j, tl.max(z_left, axis=1)[:, None], val)
-        z_left = tl.where(offs_n[None, :] == best[:, None], float("-inf"), z_left)
+        val = tl.where(offs_j[None, :] == j, tl.sum(tl.where(chosen, z, 0.0), axis=1)[:, None], val)
+        open_ = open_ & ~chosen
     for s in tl.static_range(NUM_SHARED):
         col = N - NUM_SHARED + s
         z_s = tl.sum(tl.where(offs_n[None, :] == col, z, 0.0), axis=1)

@@ -23,6 +23,7 @@ FLOPS = {
     "_wgrad_kernel": lambda a: 2 * a["T"] * a["C"] * (a["K"] if "K" in a else a["K0"] + a["K1"] * bool(a["TWO"])),
     "_route_fwd_kernel": lambda a: 2 * a["T"] * a["D"] * a["N"],
     "_route_bwd_kernel": lambda a: 4 * a["T"] * a["D"] * a["N"],  # logits recomputed, then dx = dz W
+    "_wgrad_sum_kernel": lambda a: 0,  # fp32 additions of the split partials, no matrix work: memory-bound
 }
 # constexprs that name what a variant does; the rest of the role is the kernel's name
 _FLAGS = {"BACKWARD": "bwd", "HAS_BASE": "base", "HAS_BIAS": "bias", "GATED": "gated", "HAS_TASKS": "per task"}

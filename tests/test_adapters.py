@@ -1,0 +1,83 @@
+"""ase_kernels/adapters.py: only routers and experts go to disk, with their options; loading checks everything."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ase_kernels as ak
+
+CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2, num_tasks=3)
+IDS = torch.tensor([2, 0])
+
+
+def _vit(seed=0):
+    torch.manual_seed(seed)  # the same seed, the same "pretrained" base weights
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+
+
+def _trained(model):
+    """Give every router and expert values, as training would."""
+    with torch.no_grad():
+        for m in ak.ase_modules(model):
+            for name, p in m.named_parameters():
+                if name == "router" or name.startswith("experts."):
+                    p.normal_(std=0.3)
+    return model
+
+
+def _out(model, images):
+    with ak.task_ids(model, IDS):
+        return model(images)
+
+
+@pytest.mark.parametrize("target", [None, ["blocks.0.mlp", "blocks.1.attn.proj", "head"]], ids=["ffns", "mixed"])
+@pytest.mark.parametrize("into", ["plain", "converted"])
+def test_round_trip_reproduces_the_outputs_exactly(tmp_path, target, into):
+    vit = _trained(ak.convert(_vit(), target=target, alpha=3.0, **CONFIG))
+    images = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "ase.safetensors"
+    ak.save_adapters(vit, path)
+    fresh = _vit() if into == "plain" else ak.convert(_vit(), target=target, alpha=3.0, **CONFIG)
+    assert ak.load_adapters(fresh, path) is fresh
+    assert torch.equal(_out(vit, images), _out(fresh, images))
+
+
+def test_the_file_holds_only_routers_and_experts_and_their_options(tmp_path):
+    vit = ak.convert(_vit(), placement="fc1+fc2", mode="naive", **CONFIG)
+    path = tmp_path / "ase.safetensors"
+    ak.save_adapters(vit, path)
+    with safe_open(path, framework="pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert keys == {f"blocks.{i}.mlp.{p}" for i in range(2)
+                    for p in ("router", "experts.fc1.A", "experts.fc1.B", "experts.fc2.A", "experts.fc2.B")}
+    assert metadata["format"] == "ase_kernels.adapters" and metadata["version"] == "1"
+    assert json.loads(metadata["modules"])["blocks.1.mlp"] == {
+        "type": "ASEMlp", "options": dict(CONFIG, alpha=2.0, mode="naive", placement="fc1+fc2")}
+
+
+def test_mismatched_options_names_and_shapes_are_refused_by_name(tmp_path):
+    path = tmp_path / "ase.safetensors"
+    ak.save_adapters(ak.convert(_vit(), **CONFIG), path)
+    with pytest.raises(ValueError, match=r"other ASE options: \['blocks.0.mlp: top_k file 2, model 3', 'blocks.1"):
+        ak.load_adapters(ak.convert(_vit(), **{**CONFIG, "top_k": 3}), path)
+    with pytest.raises(ValueError, match=r"in the file only \['blocks.1.mlp'\], in the model only \['head'\]"):
+        ak.load_adapters(ak.convert(_vit(), target=["blocks.0.mlp", "head"], **CONFIG), path)
+    wide = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=96, num_heads=3)
+    with pytest.raises(ValueError, match=r"shapes \['blocks.0.mlp.router: file \(3, 8, 192\), model \(3, 8, 96\)"):
+        ak.load_adapters(wide, path)
+    shallow = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match=r"modules that VisionTransformer lacks: \['blocks.1.mlp'\]"):
+        ak.load_adapters(shallow, path)
+
+
+def test_files_that_are_not_adapters_and_models_without_adapters_are_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not an ase_kernels adapter file"):
+        ak.load_adapters(_vit(), path)
+    with pytest.raises(ValueError, match="has no ASE modules to save"):
+        ak.save_adapters(_vit(), path)

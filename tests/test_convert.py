@@ -1,0 +1,174 @@
+"""ase_kernels/convert.py: a model loaded the usual way, converted in place, returns what it returned."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import DEVICE
+from helpers import assert_close
+
+import ase_kernels as ak
+from ase_kernels.convert import convert_module
+
+CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2)
+
+
+def _tiny_vit(**kwargs):
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10, **kwargs)
+
+
+def _equal_or_close(backend, name, want, got):
+    """The torch path computes a fresh ASE module's base exactly as nn.Linear does; the fused kernels accumulate in
+    another order, so they agree to fp32 rounding."""
+    if backend == "torch":
+        assert torch.equal(want, got), f"{name}: max diff {(want - got).abs().max()}"
+    else:
+        assert_close(name, want, got)
+
+
+@pytest.fixture
+def vit_checkpoint(tmp_path):
+    """A small ViT's weights on disk, as a user's pretrained checkpoint would be."""
+    path = tmp_path / "vit.pth"
+    torch.save(_tiny_vit().state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("load", ["checkpoint_path", "pretrained_cfg_overlay"])
+def test_a_timm_loaded_vit_converts_and_returns_what_it_returned(backend, vit_checkpoint, load):
+    if load == "checkpoint_path":
+        vit = _tiny_vit(checkpoint_path=vit_checkpoint)
+    else:
+        vit = _tiny_vit(pretrained=True, pretrained_cfg_overlay=dict(file=vit_checkpoint))
+    assert_close("loaded", torch.load(vit_checkpoint)["blocks.0.mlp.fc1.weight"], vit.blocks[0].mlp.fc1.weight)
+    vit = vit.to(DEVICE).eval().requires_grad_(False)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    before = vit(images)
+    fc1 = vit.blocks[0].mlp.fc1.weight
+    assert ak.convert(vit, num_tasks=5, **CONFIG) is vit
+    mlps = [block.mlp for block in vit.blocks]
+    assert all(type(m) is ak.ASEMlp and m._fused_ffn() for m in mlps)
+    assert mlps[0].fc1.weight is fc1 and not fc1.requires_grad, "the weights are reused, frozen"
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.mlp.{p}" for i in range(2) for p in ("router", "experts.ffn.A", "experts.ffn.B")}
+    with ak.task_ids(vit, torch.tensor([4, 1], device=DEVICE)):
+        _equal_or_close(backend, "logits", before, vit(images))
+
+
+@pytest.mark.parametrize("options", [dict(placement="fc1+fc2", mode="naive", alpha=4.0),
+                                     dict(num_experts=np.int64(8), top_k=np.int32(2), num_shared=np.int64(1),
+                                          rank=np.int8(2), num_tasks=np.int64(2))], ids=["fc1+fc2-naive", "numpy-ints"])
+def test_convert_passes_the_options_on(options):
+    vit = ak.convert(_tiny_vit(), **{**CONFIG, **options})
+    mlp = vit.blocks[1].mlp
+    for key, value in options.items():
+        assert getattr(mlp, key) == value and type(getattr(mlp, key)) in (int, float, str), key
+
+
+def test_target_patterns_name_ffns_or_linears():
+    vit = _tiny_vit()
+    ak.convert(vit, target=["blocks.0.mlp", "blocks.1.mlp.fc*", "head"], **CONFIG)
+    assert type(vit.blocks[0].mlp) is ak.ASEMlp
+    assert type(vit.blocks[1].mlp.fc1) is ak.MoELoRALinear and type(vit.blocks[1].mlp.fc2) is ak.MoELoRALinear
+    assert type(vit.head) is ak.MoELoRALinear
+    assert sum(1 for _ in ak.ase_modules(vit)) == 4
+
+
+@pytest.mark.parametrize("target,message", [
+    pytest.param(["mlp", "nothing.here"], r"\['nothing.here'\] match no module", id="unknown"),
+    pytest.param(["norm1"], r"blocks.0.norm1 \(LayerNorm: neither", id="not-convertible"),
+    pytest.param(["blocks.0.mlp", "blocks.0.mlp.fc1"], r"ambiguous.*blocks.0.mlp.*blocks.0.mlp.fc1", id="nested"),
+    pytest.param([3], "module-name patterns", id="not-a-string"),
+])
+def test_bad_targets_are_named(target, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ak.convert(_tiny_vit(), target=target, **CONFIG)
+
+
+def test_converting_twice_and_bad_options_are_errors():
+    vit = ak.convert(_tiny_vit(), **CONFIG)
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1 \(already converted\)"):
+        ak.convert(vit, target=["fc1"], **CONFIG)
+    with pytest.raises(ValueError, match="found no FFN"):
+        ak.convert(vit, **CONFIG)
+    with pytest.raises(TypeError, match=r"unknown options \['experts'\]"):
+        ak.convert(_tiny_vit(), experts=8)
+    with pytest.raises(ValueError, match="placement applies to FFN modules, not to the nn.Linear 'head'"):
+        ak.convert(_tiny_vit(), target="head", placement="fc1", **CONFIG)
+    with pytest.raises(TypeError, match="top_k must be an integer, got float 2.0"):
+        ak.convert(_tiny_vit(), top_k=2.0)
+    with pytest.raises(ValueError, match=r"the model itself \(Linear\) is not one"):
+        convert_module(torch.nn.Linear(4, 4), "", CONFIG)
+
+
+class SwiGLU(torch.nn.Module):
+    """A LLaMA-style gated FFN: down(silu(gate(x)) * up(x)), d -> d."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(d, hidden, bias=False), torch.nn.Linear(d, hidden, bias=False)
+        self.down_proj = torch.nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_a_gated_ffn_gets_experts_beside_it(backend):
+    model = torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16), SwiGLU(16, 24)).to(DEVICE)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    before = model(x)
+    ak.convert(model, num_tasks=3, **CONFIG)
+    assert [type(m) for m in model] == [ak.ASEFFN, torch.nn.LayerNorm, ak.ASEFFN]
+    ids = torch.tensor([2, 0, 1], device=DEVICE)
+    with ak.task_ids(model, ids):
+        assert torch.equal(model(x), before)
+    # with trained experts: the wrapped FFN's output plus the routed expert sum of its input
+    ffn = model[0]
+    torch.nn.init.normal_(ffn.experts.B), torch.nn.init.normal_(ffn.router)
+    routing = ak.route(x, ffn.router, ids, top_k=2, num_shared=1)
+    want = ffn.base(x) + ak.moe_lora(x, ffn.experts.A, ffn.experts.B, routing)
+    assert_close("y", want, ffn(x, task_ids=ids))
+
+
+def test_a_llama_model_converts_trains_and_round_trips_its_adapters(tmp_path):
+    """Beyond vision: the gated MLPs of a small random LLaMA (transformers, built from its config) get experts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config).eval().requires_grad_(False)
+    tokens = torch.randint(0, 64, (4, 12))
+    ids = torch.tensor([0, 0, 1, 1])  # one task per sequence
+    before = llama(tokens).logits
+    ak.convert(llama, num_tasks=2, **CONFIG)
+    assert [type(layer.mlp) for layer in llama.model.layers] == [ak.ASEFFN, ak.ASEFFN]
+    with ak.task_ids(llama, ids):
+        assert torch.equal(llama(tokens).logits, before)
+    trainable = [p for p in llama.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 3  # router, A, B per layer
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    losses = []
+    for _ in range(8):
+        with ak.task_ids(llama, ids):
+            loss = llama(tokens, labels=tokens).loss
+        loss = loss + 0.005 * sum(m.mi_loss() for m in ak.ase_modules(llama))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    path = tmp_path / "llama-ase.safetensors"
+    ak.save_adapters(llama, path)
+    torch.manual_seed(0)
+    fresh = ak.load_adapters(LlamaForCausalLM(config).eval(), path)
+    with ak.task_ids(llama, ids), ak.task_ids(fresh, ids):
+        assert torch.equal(fresh(tokens).logits, llama(tokens).logits)
+
+
+def test_a_converted_model_compiles_fullgraph(backend):
+    model = ak.convert(torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16)).to(DEVICE), num_tasks=2, **CONFIG)
+    torch.nn.init.normal_(model[0].experts.B)
+    x, ids = torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    with ak.task_ids(model, ids):
+        assert_close("y", model(x), torch.compile(model, fullgraph=True)(x))
