@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                    help=f"tasks to learn, of {' '.join(TASKS)}")
     g.add_argument("--img-size", type=int, help="train crop and eval resize")
+    g.add_argument("--augment", default="reference", choices=["reference", "crop"],
+                   help="training geometry: the reference's flip, scale 0.75-1.25 and rotation +-20 degrees, then "
+                        "a resize to --img-size; or crop: aspect-preserving random scale, random --img-size crop, flip")
     g.add_argument("--workers", type=int, default=0, help="data loader processes")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", help="local ViT weights (.safetensors, .npz, .pth); none: random init")
@@ -102,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", default="runs/ase", help="directory for config, logs, checkpoints, plots")
     g.add_argument("--eval-every", type=int, help="epochs between evaluations")
+    g.add_argument("--edge-eval-every", type=int, default=0,
+                   help="epochs between evaluations with the edge odsF (needs pyEdgeEval; the final evaluation "
+                        "always has it; the others report the edge BCE); 0: the final evaluation only")
+    g.add_argument("--eval-workers", type=int, default=0, help="processes for the edge odsF boundary matching")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 from ase_model.data import IGNORE
 from ase_model.losses import LOSS_WEIGHTS, balanced_bce, cross_entropy, multi_task_loss, normals_l1
 
-
 # --- the reference's formulas, written out in numpy -------------------------------------------------------------
 
 def ref_cross_entropy(logits, target):

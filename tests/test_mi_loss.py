@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close
 
 import ase_kernels as ak
 from ase_kernels import reference
-from helpers import assert_close
 
 F64 = torch.float64
 
