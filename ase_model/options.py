@@ -109,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
                    help="epochs between evaluations with the edge odsF (needs pyEdgeEval; the final evaluation "
                         "always has it; the others report the edge BCE); 0: the final evaluation only")
     g.add_argument("--eval-workers", type=int, default=0, help="processes for the edge odsF boundary matching")
+    g.add_argument("--edge-thresholds", type=int, default=99,
+                   help="thresholds of the edge odsF (SEISM's 99; the matching costs one assignment per image and "
+                        "threshold: 47 s for one 500x375 image at 99 on a shared, loaded CPU core; spread it with "
+                        "--eval-workers)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")

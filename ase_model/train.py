@@ -272,7 +272,8 @@ class Trainer:
         every = self.args.edge_eval_every
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
                         workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main,
-                        edge_ods=final or (every > 0 and self.epoch % every == 0), eval_workers=self.args.eval_workers)
+                        edge_ods=final or (every > 0 and self.epoch % every == 0), eval_workers=self.args.eval_workers,
+                        edge_thresholds=self.args.edge_thresholds)
 
     def log_record(self, record: dict) -> None:
         if not self.main:
