@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="PASCAL_MT root; default: a synthetic dataset generated under --synthetic-dir")
     g.add_argument("--synthetic-dir", default="runs/synthetic_pascal", help="where the synthetic data lives")
     g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"),
-                   help="images per split and their size, of the synthetic data")
+                   help="images per split and the least shorter side, of the synthetic data (varied, non-square)")
     g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                    help=f"tasks to learn, of {' '.join(TASKS)}")
     g.add_argument("--img-size", type=int, help="train crop and eval resize")
