@@ -323,8 +323,8 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     +-max_rotation, about (w/2, h/2), on the image's own h x w canvas, zeros outside it, the normals' in-plane
     direction rotated by the angle), then a resize of everything to size x size (FixedResize). The warp and the
     resize are one resampling here: cubic for the image and the normals (renormalised), nearest for the labels.
-    As cv2.warpAffine does, label pixels that come from outside the canvas are 0 (background); normals there are
-    invalid, and a parts map left without any part becomes all IGNORE (AddIgnoreRegions)."""
+    As cv2.warpAffine does, pixels that come from outside the canvas are 0: black in the image, background in the
+    labels; normals there are invalid, and a parts map left without any part becomes all IGNORE (AddIgnoreRegions)."""
     h, w = image.shape[1:]
     if rng.random() < 0.5:
         image, normals = image.flip(-1), normals.flip(-1).clone()
@@ -340,7 +340,8 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     canvas = np.stack(np.meshgrid(axis * w / size - 0.5, axis * h / size - 0.5, indexing="xy"), axis=-1)
     m = rotation_matrix((w / 2, h / 2), angle, scale)
     src = torch.from_numpy((canvas - m[:, 2]) @ np.linalg.inv(m[:, :2]).T)  # (size, size, 2): (x, y) in the source
-    image = _warp(image, src, "bicubic")
+    black = torch.from_numpy(-MEAN / STD)[:, None, None]  # warpAffine pads the raw image with 0: black
+    image = _warp(image - black, src, "bicubic") + black
     inside = _warp(valid[None].float(), src, "nearest")[0] > 0
     normals = _warp(torch.where(valid[None], normals, 0.0), src, "bicubic")
     # the reference turns the in-plane direction atan2(n_x, n_y) by the angle: (n_x, n_y) <- (n_x cos + n_y sin,
