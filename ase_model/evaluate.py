@@ -53,12 +53,16 @@ def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: 
     sampler = DistributedSampler(val_set, world, rank, shuffle=False, drop_last=False)
     loader = DataLoader(val_set, batch_size=max(1, batch_size), sampler=sampler, num_workers=workers,
                         collate_fn=collate)
-    seen = torch.zeros(len(val_set), dtype=torch.bool)
+    done = 0  # samples of this rank so far
     gates, loads, batches = None, None, 0
     for batch in tqdm(loader, disable=not show, desc="eval", leave=False):
-        index = batch["index"]
-        fresh = ~seen[index]  # DistributedSampler pads with repeats: count every image once
-        seen[index] = True
+        # DistributedSampler (no shuffle) gives rank r the positions r, r + world, ... of the index list padded
+        # with repeats of its first images up to a multiple of world; positions past the dataset are repeats,
+        # possibly of images another rank scores: count every image once over all ranks
+        count = len(batch["index"])
+        position = rank + world * (done + torch.arange(count))
+        fresh = position < len(val_set)
+        done += count
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             preds = model(batch["image"].to(device))
         for i in torch.nonzero(fresh).flatten().tolist():

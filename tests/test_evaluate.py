@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ase_model import evaluate as ev
+from ase_model import metrics
 from ase_model.data import NUM_OUTPUTS, TASKS, PascalContextMT
 from ase_model.evaluate import decode, metrics_table
 from ase_model.synthetic import make_synthetic_pascal
@@ -77,3 +78,28 @@ def test_edge_ods_f_only_when_asked(tmp_path):
     assert "odsF" in with_ods["edge"] and "edge" in with_ods["delta_m"]["tasks"]
     without = ev.evaluate(_Constant(), val, edge_ods=False, **kwargs)
     assert "odsF" not in without["edge"] and "edge" not in without["delta_m"]["tasks"]
+
+
+def test_two_ranks_score_every_image_once(tmp_path, monkeypatch):
+    """5 images over 2 ranks: the sampler pads rank 1 with a repeat of image 0, which rank 0 scores."""
+    root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=5, size=12)
+    val = PascalContextMT(root, "val", img_size=8, train=False)
+    scored = []
+    real = ev.make_meters
+
+    def recording(*args, **kwargs):
+        meters = real(*args, **kwargs)
+        update = meters["sal"].update
+        meters["sal"].update = lambda p, t: (scored.append(t.shape), update(p, t))
+        return meters
+
+    monkeypatch.setattr(ev, "make_meters", recording)
+    for rank in range(2):
+        monkeypatch.setattr(ev.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(ev.dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(ev.dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(metrics.Meter, "reduce", lambda self: None)  # each rank alone: no process group
+        monkeypatch.setattr(metrics.EdgeMeter, "reduce", lambda self: self.finish())
+        ev.evaluate(_Constant(), val, device=torch.device("cpu"), batch_size=2, workers=0, amp=False, show=False,
+                    edge_ods=False)
+    assert sorted(scored) == sorted(torch.Size((1, *val.load(i)["image"].shape[:2])) for i in range(5))
