@@ -437,7 +437,14 @@ def moe_lora_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tens
 
 
 def mi_loss(prob_sums: torch.Tensor) -> torch.Tensor:
-    """Mod-Squad mutual-information loss of one layer, ``-sum P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``.
+    """Mod-Squad mutual-information loss of one layer, exactly as Mod-Squad's official ``TaskMoE`` computes it.
+
+    With n_t = the row sums of prob_sums (task t's token count: each token's softmax sums to 1) and n = sum n_t,
+    ``P(t,e) = (prob_sums[t,e] + 1e-4 n_t) / (n + 1e-4)`` (the official code adds 1e-4 to every token's
+    probabilities), ``P(t) = sum_e P(t,e) + 1e-4``, ``P(e) = sum_t P(t,e) + 1e-4``, and
+    ``L = -sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``. The official code counts tokens where this sums
+    probabilities: the gradients to the router logits agree, as the counts' gradient is constant along each row
+    and a constant shift of a token's probability gradient does not reach its logits through the softmax.
 
     Args:
         prob_sums: (tasks, N), the per-task sums of the full router softmax (``Routing.prob_sums``).
@@ -447,14 +454,14 @@ def mi_loss(prob_sums: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> import torch, ase_kernels as ak
-        >>> float(ak.mi_loss(torch.tensor([[2.0, 0.0], [0.0, 2.0]])))  # each task owns one expert: -log 2
-        -0.693...
+        >>> round(float(ak.mi_loss(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))), 4)  # each task owns one expert
+        -0.6918
     """
     if prob_sums.dim() != 2:
         raise ValueError(f"prob_sums must have shape (tasks, N), got {tuple(prob_sums.shape)}")
-    tiny = torch.finfo(prob_sums.dtype).tiny
-    p_te = prob_sums / prob_sums.sum().clamp_min(tiny)  # (tasks, N)
-    p_t = p_te.sum(dim=1, keepdim=True)  # (tasks, 1)
-    p_e = p_te.sum(dim=0, keepdim=True)  # (1, N)
-    # empty tasks or experts have P(t, e) = 0: their terms are 0 * log(1e-4) = 0, the clamp only avoids 0 / 0
-    return -(p_te * torch.log(p_te / (p_t * p_e).clamp_min(tiny) + 1e-4)).sum()
+    n_t = prob_sums.sum(dim=1, keepdim=True)  # (tasks, 1) tokens of each task
+    p_te = (prob_sums + 1e-4 * n_t) / (n_t.sum() + 1e-4)  # (tasks, N)
+    p_t = p_te.sum(dim=1, keepdim=True) + 1e-4  # (tasks, 1)
+    p_e = p_te.sum(dim=0, keepdim=True) + 1e-4  # (1, N)
+    # P(t, e) = 0 only for a task without tokens: its terms are 0 * log(1e-4) = 0
+    return -(p_te * torch.log(p_te / (p_t * p_e) + 1e-4)).sum()

@@ -120,17 +120,27 @@ def moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, 
 
 
 def mi_loss(prob_sums: torch.Tensor) -> torch.Tensor:
-    """Mod-Squad mutual-information loss of one layer: ``-sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``.
+    """Mod-Squad mutual-information loss of one layer, exactly as Mod-Squad's official ``TaskMoE`` computes it.
 
-    prob_sums: (tasks, N), per-task sums of the full router softmax; dividing by their total (the token count)
-    gives the joint P(t, e). Tasks with no tokens contribute nothing. Returns a scalar.
+    The official code adds 1e-4 to every token's softmax probabilities, sums them per task, divides by the token
+    count + 1e-4, adds 1e-4 to both marginals, and takes ``-sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4)``.
+    All of it follows from the per-task sums of the plain softmax: a token's probabilities sum to 1, so task t's
+    token count n_t is its row sum, and the per-token 1e-4 adds 1e-4 n_t to each of the row's entries.
+
+    prob_sums: (tasks, N), per-task sums of the full router softmax. Returns a scalar; 0 for an empty batch.
+    The official code counts tokens instead of summing probabilities; the gradients to the router logits are the
+    same, since the counts' gradient is constant along each row, which the softmax's Jacobian removes.
     """
-    p_te = prob_sums / prob_sums.sum()  # (tasks, N)
-    p_t = p_te.sum(dim=1, keepdim=True)  # (tasks, 1)
-    p_e = p_te.sum(dim=0, keepdim=True)  # (1, N)
+    n_t = prob_sums.sum(dim=1)  # (tasks,) tokens of each task
+    n = n_t.sum()  # all tokens of the layer
+    p_te = torch.zeros_like(prob_sums)  # (tasks, N)
+    for t in range(prob_sums.shape[0]):
+        for e in range(prob_sums.shape[1]):
+            p_te[t, e] = (prob_sums[t, e] + 1e-4 * n_t[t]) / (n + 1e-4)
+    p_t = p_te.sum(dim=1) + 1e-4  # (tasks,)
+    p_e = p_te.sum(dim=0) + 1e-4  # (N,)
     loss = p_te.new_zeros(())
     for t in range(p_te.shape[0]):
         for e in range(p_te.shape[1]):
-            if p_te[t, e] > 0:
-                loss = loss - p_te[t, e] * torch.log(p_te[t, e] / (p_t[t, 0] * p_e[0, e]) + 1e-4)
+            loss = loss - p_te[t, e] * torch.log(p_te[t, e] / (p_t[t] * p_e[e]) + 1e-4)
     return loss

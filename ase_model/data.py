@@ -11,12 +11,21 @@ Layout under ``root``::
     pascal-context/trainval/{id}.mat         context label map ('LabelMap'): edges are its thinned Laplacian's support
     json/{nyu,context}_classes.json          the context classes whose distilled normals are valid
 
-Every sample is a dict of tensors: ``image (3, S, S)`` normalised float32, ``semseg (S, S)`` int64,
-``human_parts (S, S)`` int64, ``sal (S, S)`` float32 in {0, 1, 255}, ``normals (3, S, S)`` float32 (255 where
-invalid), ``edge (S, S)`` float32 in {0, 1, 255}, and ``index``. 255 marks pixels no loss or metric counts.
+Every sample is a dict of tensors: ``image (3, S, S)`` normalised float32, ``semseg`` int64, ``human_parts``
+int64, ``sal`` float32 in {0, 1, 255}, ``normals (3, ...)`` float32 (255 where invalid), ``edge`` float32 in
+{0, 1, 255}, ``index`` and ``size`` (the image's original (H, W)). 255 marks pixels no loss or metric counts.
+
+Geometry, as the reference multi-task code (Multi-Task-Learning-PyTorch utils/common_config.py, the same in
+M3ViT): training samples are augmented and resized to S x S with their labels (`augment`: "reference" is random
+horizontal flip, then ScaleNRotate with scale 0.75-1.25 and rotation +-20 degrees about the image centre on the
+image's own canvas, then a resize to S x S; "crop" is an aspect-preserving random scale and an S x S crop).
+Evaluation samples hold the image resized to S x S and every label at the ORIGINAL resolution (H, W): the
+predictions are resized back to (H, W) and scored there, as the reference does (evaluation/evaluate_utils.py,
+save_model_predictions). Images differ in size: batch them with `collate`, which keeps such labels as lists.
 """
 
 import json
+import math
 import os
 import warnings
 
@@ -152,18 +161,28 @@ def normals_valid_classes(root: str) -> list[int] | None:
         raise DataError(f"cannot read the normals classes from {nyu_path} and {context_path}: {e!r}") from e
 
 
+AUGMENTATIONS = ("reference", "crop")
+
+
 class PascalContextMT(Dataset):
-    """The five PASCAL-Context tasks of one split, augmented (train) or resized (eval) to ``img_size``.
+    """The five PASCAL-Context tasks of one split: augmented and resized to ``img_size`` (train), or the image
+    resized to ``img_size`` with full-resolution labels (eval).
 
     normals_valid: context classes whose normals count ("auto": from root/json, see `normals_valid_classes`;
     None: all); other pixels get IGNORE, as the distilled normals are only meaningful on those surfaces.
+    augment: "reference" (flip, scale 0.75-1.25 and rotation +-20 degrees, resize) or "crop" (random scale in
+    scale_range times img_size / shorter side, random img_size crop padded with IGNORE, flip).
     """
 
     def __init__(self, root: str, split: str = "train", img_size: int = 224, train: bool | None = None,
-                 seed: int = 0, normals_valid="auto", scale_range=(0.75, 1.25)):
+                 seed: int = 0, normals_valid="auto", scale_range=(0.75, 1.25), augment: str = "reference",
+                 max_rotation: float = 20.0):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         self.root, self.split, self.img_size = root, split, img_size
         self.train = split == "train" if train is None else train
         self.seed, self.epoch, self.scale_range = seed, 0, scale_range
+        self.augment, self.max_rotation = augment, max_rotation
         ids_file = os.path.join(root, "ImageSets", "Context", f"{split}.txt")
         try:
             with open(ids_file) as f:
@@ -217,12 +236,20 @@ class PascalContextMT(Dataset):
         image = torch.from_numpy((raw["image"].astype(np.float32) / 255.0 - MEAN) / STD).permute(2, 0, 1)
         labels = {k: torch.from_numpy(np.array(raw[k], dtype=np.float32)) for k in TASKS if k != "normals"}
         normals = torch.from_numpy(raw["normals"]).permute(2, 0, 1)
+        size = torch.tensor(image.shape[1:])
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, labels, normals = _augment(image, labels, normals, self.img_size, rng, self.scale_range)
+            if self.augment == "reference":
+                image, labels, normals = _augment_reference(image, labels, normals, self.img_size, rng,
+                                                            self.scale_range, self.max_rotation)
+            else:
+                image, labels, normals = _augment(image, labels, normals, self.img_size, rng, self.scale_range)
         else:
-            image, labels, normals = _resize(image, labels, normals, (self.img_size, self.img_size))
-        sample = {"image": image, "normals": normals, "index": torch.tensor(index)}
+            # the reference's test transform squashes the image to the network's input size (FixedResize, cubic);
+            # labels stay at full resolution for the metrics
+            image = F.interpolate(image[None], size=(self.img_size, self.img_size), mode="bicubic",
+                                  align_corners=False)[0]
+        sample = {"image": image, "normals": normals, "index": torch.tensor(index), "size": size}
         for k, v in labels.items():
             sample[k] = v.long() if k in ("semseg", "human_parts") else v
         return sample
@@ -263,3 +290,71 @@ def _augment(image, labels, normals, size, rng, scale_range):
         valid = normals[0] != IGNORE
         normals[0, valid] = -normals[0, valid]
     return image.contiguous(), {k: v.contiguous() for k, v in labels.items()}, normals.contiguous()
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch samples: entries of equal shape are stacked, others (full-resolution evaluation labels of images of
+    different sizes) are kept as a list, one tensor per sample."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if all(v.shape == values[0].shape for v in values) else values
+    return out
+
+
+def rotation_matrix(center: tuple[float, float], angle: float, scale: float) -> np.ndarray:
+    """The 2 x 3 map of cv2.getRotationMatrix2D: rotate by angle degrees (counter-clockwise on screen) and scale
+    about center (x, y); destination = M @ (x, y, 1)."""
+    a, b = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
+    cx, cy = center
+    return np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
+
+
+def _warp(x: torch.Tensor, src_xy: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sample x (C, h, w) at source pixel coordinates src_xy (S, S, 2) (pixel centres at integers); 0 outside."""
+    h, w = x.shape[1:]
+    grid = torch.stack([(2 * src_xy[..., 0] + 1) / w - 1, (2 * src_xy[..., 1] + 1) / h - 1], dim=-1)
+    return F.grid_sample(x[None], grid[None].to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)[0]
+
+
+def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotation):
+    """The reference's training geometry (Multi-Task-Learning-PyTorch data/custom_transforms.py): horizontal flip
+    with probability 1/2 (mirroring the normals' x), ScaleNRotate (scale uniform in scale_range, angle uniform in
+    +-max_rotation, about (w/2, h/2), on the image's own h x w canvas, zeros outside it, the normals' in-plane
+    direction rotated by the angle), then a resize of everything to size x size (FixedResize). The warp and the
+    resize are one resampling here: cubic for the image and the normals (renormalised), nearest for the labels.
+    As cv2.warpAffine does, pixels that come from outside the canvas are 0: black in the image, background in the
+    labels; normals there are invalid, and a parts map left without any part becomes all IGNORE (AddIgnoreRegions)."""
+    h, w = image.shape[1:]
+    if rng.random() < 0.5:
+        image, normals = image.flip(-1), normals.flip(-1).clone()
+        labels = {k: v.flip(-1) for k, v in labels.items()}
+        valid = normals[0] != IGNORE
+        normals[0, valid] = -normals[0, valid]
+    lo, hi = scale_range
+    angle = 2 * max_rotation * rng.random() - max_rotation
+    scale = (hi - lo) * rng.random() - (hi - lo) / 2 + (hi + lo) / 2
+    valid = normals[0] != IGNORE
+    # output pixel (x, y) of the size x size result -> the warped canvas (resize, half-pixel centres) -> source
+    axis = np.arange(size, dtype=np.float64) + 0.5
+    canvas = np.stack(np.meshgrid(axis * w / size - 0.5, axis * h / size - 0.5, indexing="xy"), axis=-1)
+    m = rotation_matrix((w / 2, h / 2), angle, scale)
+    src = torch.from_numpy((canvas - m[:, 2]) @ np.linalg.inv(m[:, :2]).T)  # (size, size, 2): (x, y) in the source
+    black = torch.from_numpy(-MEAN / STD)[:, None, None]  # warpAffine pads the raw image with 0: black
+    image = _warp(image - black, src, "bicubic") + black
+    inside = _warp(valid[None].float(), src, "nearest")[0] > 0
+    normals = _warp(torch.where(valid[None], normals, 0.0), src, "bicubic")
+    # the reference turns the in-plane direction atan2(n_x, n_y) by the angle: (n_x, n_y) <- (n_x cos + n_y sin,
+    # n_y cos - n_x sin), a linear map, so it commutes with the resampling and is applied to the small result
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    normals = torch.stack([normals[0] * c + normals[1] * s, normals[1] * c - normals[0] * s, normals[2]])
+    normals = normals / normals.norm(dim=0, keepdim=True).clamp_min(1e-6)
+    normals[:, ~inside] = IGNORE
+    out = {}
+    for k, v in labels.items():
+        had_labels = bool((v != IGNORE).any())
+        v = _warp(v[None], src, "nearest")[0]
+        if k == "human_parts" and (not had_labels or (v == 0).all()):
+            v = torch.full_like(v, IGNORE)
+        out[k] = v
+    return image.contiguous(), out, normals.contiguous()

@@ -1,37 +1,75 @@
-"""Evaluation over the validation split: metrics per task, delta_m against the single-task reference, routing
-statistics, and their tables."""
+"""Evaluation over the validation split: metrics per task at each image's original resolution, delta_m against
+the single-task reference, routing statistics, and their tables.
+
+As the reference (Multi-Task-Learning-PyTorch evaluation/evaluate_utils.py save_model_predictions, with the
+interpolation flags of utils/config.py): the network sees the image resized to img_size; each prediction is
+decoded and resized back to the image's original size, nearest for semseg and human parts (the arg-max label
+map), bilinear for saliency and edges (the sigmoid) and normals (the unit vectors); the meters score it against
+the full-resolution labels (see metrics.py for each task's rule).
+"""
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .data import collate
 from .metrics import delta_m, load_reference, make_meters
 from .options import REFERENCE
+from .synthetic import is_synthetic
+
+
+def decode(task: str, logits: torch.Tensor, size) -> torch.Tensor:
+    """One image's network output (C, h, w) -> its prediction at the original size (H, W): labels (H, W) for
+    semseg and human parts, a probability (H, W) for saliency and edges, unit normals (3, H, W)."""
+    size = tuple(int(v) for v in size)
+    logits = logits.float()
+    if task in ("semseg", "human_parts"):
+        labels = logits.argmax(0)[None, None].float()
+        return F.interpolate(labels, size=size, mode="nearest")[0, 0].long()
+    if task in ("sal", "edge"):
+        prob = torch.sigmoid(logits[:1])[None]
+        return F.interpolate(prob, size=size, mode="bilinear", align_corners=False)[0, 0]
+    if task == "normals":
+        unit = F.normalize(logits, dim=0)[None]
+        return F.interpolate(unit, size=size, mode="bilinear", align_corners=False)[0]
+    raise ValueError(f"unknown task {task!r}")
 
 
 @torch.no_grad()
 def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: int, amp: bool,
-             reference: str = REFERENCE, show: bool = True) -> dict:
+             reference: str = REFERENCE, show: bool = True, edge_ods: bool = True, eval_workers: int = 0,
+             edge_thresholds: int = 99) -> dict:
     """Metrics over `val_set`, reduced over the ranks of the default process group (if any); routing statistics
-    of the ASE forwards. `batch_size` is this rank's."""
+    of the ASE forwards. `batch_size` is this rank's. edge_ods: compute the edge odsF (where pyEdgeEval is
+    installed; the edge BCE otherwise); eval_workers: processes for its boundary matching; edge_thresholds: its
+    number of thresholds (99 as SEISM)."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     was_training = model.training
     model.eval()
-    meters = make_meters(model.tasks, device)
+    meters = make_meters(model.tasks, device, edge_ods=edge_ods, edge_thresholds=edge_thresholds,
+                         eval_workers=eval_workers)
     sampler = DistributedSampler(val_set, world, rank, shuffle=False, drop_last=False)
-    loader = DataLoader(val_set, batch_size=max(1, batch_size), sampler=sampler, num_workers=workers)
-    seen = torch.zeros(len(val_set), dtype=torch.bool)
+    loader = DataLoader(val_set, batch_size=max(1, batch_size), sampler=sampler, num_workers=workers,
+                        collate_fn=collate)
+    done = 0  # samples of this rank so far
     gates, loads, batches = None, None, 0
     for batch in tqdm(loader, disable=not show, desc="eval", leave=False):
-        index = batch["index"]
-        fresh = ~seen[index]  # DistributedSampler pads with repeats: count every image once
-        seen[index] = True
+        # DistributedSampler (no shuffle) gives rank r the positions r, r + world, ... of the index list padded
+        # with repeats of its first images up to a multiple of world; positions past the dataset are repeats,
+        # possibly of images another rank scores: count every image once over all ranks
+        count = len(batch["index"])
+        position = rank + world * (done + torch.arange(count))
+        fresh = position < len(val_set)
+        done += count
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             preds = model(batch["image"].to(device))
-        keep = fresh.to(device)
-        for t in model.tasks:
-            meters[t].update(preds[t].float()[keep], batch[t].to(device)[keep])
+        for i in torch.nonzero(fresh).flatten().tolist():
+            size = batch["size"][i].tolist()
+            for t in model.tasks:
+                target = batch[t][i].to(device)
+                meters[t].update(decode(t, preds[t][i], size)[None], target[None])
         stats = model.routing_stats()
         if stats is not None:
             gates = stats["shared_gate"] if gates is None else gates + stats["shared_gate"]
@@ -42,7 +80,7 @@ def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: 
         meter.reduce()
         results[t] = meter.compute()
     value, used = delta_m(results, load_reference(reference))
-    results["delta_m"] = {"value": value, "tasks": used}
+    results["delta_m"] = {"value": value, "tasks": used, "synthetic": is_synthetic(val_set.root)}
     if gates is not None:
         results["routing"] = {"shared_gate": (gates / batches).tolist(), "load": (loads / batches).tolist()}
     model.train(was_training)
@@ -57,7 +95,7 @@ def flatten(results: dict) -> dict:
             out["routing"] = metrics
             continue
         for name, v in metrics.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"val/{task}/{name}"] = v
     return out
 
@@ -68,9 +106,14 @@ def metrics_table(results: dict, reference: str = REFERENCE) -> str:
         if task in ("routing",):
             continue
         for name, v in metrics.items():
-            if isinstance(v, (int, float)):
-                lines.append(f"| {task} | {name} | {v:.3f} |")
-    used = results.get("delta_m", {}).get("tasks")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                label = f"{name} (synthetic data)" if task == "delta_m" and metrics.get("synthetic") else name
+                lines.append(f"| {task} | {label} | {v:.3f} |")
+    dm = results.get("delta_m", {})
+    used = dm.get("tasks")
     if used is not None:
         lines.append(f"\ndelta_m over {', '.join(used) or 'no task'} (reference: {reference})")
+        if dm.get("synthetic"):
+            lines.append("delta_m here is measured on SYNTHETIC data: the reference row is the paper's "
+                         "PASCAL-Context numbers, so this value says nothing about the method.")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ and any rank can then ``compute()`` the dataset-level numbers.
 
 import importlib.util
 import math
+import multiprocessing
 import warnings
 
 import numpy as np
@@ -14,7 +15,13 @@ import torch.distributed as dist
 import yaml
 
 from .data import IGNORE, NUM_OUTPUTS
-from .losses import EDGE_POS_WEIGHT, balanced_bce
+from .losses import EDGE_POS_WEIGHT
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """x in [0, 1] as the reference reads it back from the 8-bit PNG it saved: floor(255 x) / 255
+    (evaluation/evaluate_utils.py save_model_predictions writes ``result.astype(np.uint8)``)."""
+    return torch.floor(x.clamp(0, 1) * 255) / 255
 
 
 class Meter:
@@ -27,22 +34,35 @@ class Meter:
 
 
 class ConfusionMeter(Meter):
-    """Dataset-level confusion matrix -> mIoU (percent) over classes that occur in labels or predictions."""
+    """Dataset-level confusion matrix -> mIoU (percent) over the classes that occur in labels or predictions
+    (on the full PASCAL-Context val set every class occurs, and this equals the reference's mean over all classes:
+    eval_semseg.py, eval_human_parts.py).
 
-    def __init__(self, num_classes: int, device="cpu"):
-        self.num_classes = num_classes
-        self.state = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    skip_unlabelled: leave out images whose labels are all background or all IGNORE, as the reference's human
+    parts evaluation does (eval_human_parts.py: images without parts ground truth are not scored)."""
+
+    def __init__(self, num_classes: int, device="cpu", skip_unlabelled: bool = False):
+        self.num_classes, self.skip_unlabelled = num_classes, skip_unlabelled
+        # the matrix, then the number of images scored
+        self.state = torch.zeros(num_classes * num_classes + 1, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """logits (B, C, H, W); target (B, H, W) with IGNORE."""
-        pred = logits.argmax(1)
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred: labels (B, H, W) or logits (B, C, H, W); target (B, H, W) with IGNORE, at the same size."""
+        if pred.dim() == target.dim() + 1:
+            pred = pred.argmax(1)
         valid = target != IGNORE
-        idx = target[valid] * self.num_classes + pred[valid]
-        self.state += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, -1).to(self.state)
+        if self.skip_unlabelled:
+            labelled = (valid & (target != 0)).flatten(1).any(1)  # (B,)
+            valid = valid & labelled.view(-1, *[1] * (valid.dim() - 1))
+            self.state[-1] += labelled.sum()
+        else:
+            self.state[-1] += target.shape[0]
+        idx = target[valid].long() * self.num_classes + pred[valid].long()
+        self.state[:-1] += torch.bincount(idx, minlength=self.num_classes**2).to(self.state)
 
     def compute(self) -> dict[str, float]:
-        conf = self.state
+        conf = self.state[:-1].view(self.num_classes, self.num_classes)
         tp = conf.diag()
         union = conf.sum(0) + conf.sum(1) - tp
         present = union > 0
@@ -51,56 +71,70 @@ class ConfusionMeter(Meter):
 
 
 class SaliencyMeter(Meter):
-    """Saliency mIoU (max over thresholds of the mean per-image Jaccard) and maxF (max over thresholds of the
-    F-measure, beta^2 = 0.3, of the mean per-image precision and recall), in percent."""
+    """Saliency as Multi-Task-Learning-PyTorch evaluates it (evaluation/eval_sal.py with jaccard.py; the same code
+    as ASTMT and M3ViT, which the paper's numbers follow), in percent:
 
-    def __init__(self, thresholds=None, device="cpu"):
-        self.thresholds = torch.linspace(0.05, 0.95, 19, dtype=torch.float64) if thresholds is None else thresholds
+    - per image and threshold t in linspace(0.2, 0.9, 15), the prediction ``p > t`` (p read back as 8-bit);
+      Jaccard = |pred & gt| / |pred | gt|, and 1 when both are empty; precision = tp / (tp + fp + 1e-12) and
+      recall = tp / (tp + fn + 1e-12), so 0 for an empty prediction or an empty ground truth;
+    - mIoU: the max over thresholds of the mean per-image Jaccard;
+    - maxF: the max over thresholds of F = 2 P R / (P + R + 1e-12) (beta = 1) of the MEAN per-image P and R.
+
+    IGNORE pixels of the target are void (jaccard.py's void_pixels); PASCAL's saliency labels have none."""
+
+    def __init__(self, thresholds=None, device="cpu", quantized: bool = True):
+        self.thresholds = torch.linspace(0.2, 0.9, 15, dtype=torch.float64) if thresholds is None else thresholds
+        self.quantized = quantized
         # per threshold: sum of Jaccard, precision, recall over images; last column: image count
         self.state = torch.zeros(len(self.thresholds), 4, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """logits (B, 1, H, W); target (B, H, W) in {0, 1, IGNORE}."""
-        prob = torch.sigmoid(logits.double()[:, 0])
+    def update(self, prob: torch.Tensor, target: torch.Tensor) -> None:
+        """prob (B, H, W) foreground probability; target (B, H, W) in {0, 1, IGNORE}, at the same size."""
+        prob = prob.double()
+        if self.quantized:
+            prob = quantize(prob)
         valid = target != IGNORE
         gt = (target == 1) & valid
+        n_gt = gt.flatten(1).sum(1).double()
         for i, th in enumerate(self.thresholds.tolist()):
             pred = (prob > th) & valid
-            inter = (pred & gt).flatten(1).sum(1).double()
+            tp = (pred & gt).flatten(1).sum(1).double()
             union = (pred | gt).flatten(1).sum(1).double()
-            n_pred, n_gt = pred.flatten(1).sum(1).double(), gt.flatten(1).sum(1).double()
-            jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-            precision = torch.where(n_pred > 0, inter / n_pred.clamp_min(1), (n_gt == 0).double())
-            recall = torch.where(n_gt > 0, inter / n_gt.clamp_min(1), torch.ones_like(n_gt))
+            n_pred = pred.flatten(1).sum(1).double()
+            jaccard = torch.where((n_gt == 0) & (n_pred == 0), torch.ones_like(union), tp / union.clamp_min(1))
             self.state[i, 0] += jaccard.sum()
-            self.state[i, 1] += precision.sum()
-            self.state[i, 2] += recall.sum()
+            self.state[i, 1] += (tp / (n_pred + 1e-12)).sum()
+            self.state[i, 2] += (tp / (n_gt + 1e-12)).sum()
             self.state[i, 3] += prob.shape[0]
 
     def compute(self) -> dict[str, float]:
         n = self.state[:, 3].clamp_min(1)
         jaccard, precision, recall = (self.state[:, j] / n for j in range(3))
-        beta2 = 0.3
-        f = (1 + beta2) * precision * recall / (beta2 * precision + recall).clamp_min(1e-12)
+        f = 2 * precision * recall / (precision + recall + 1e-12)
         return {"mIoU": 100.0 * jaccard.max().item(), "maxF": 100.0 * f.max().item()}
 
 
 class NormalsMeter(Meter):
-    """Angular error of the predicted normals over valid pixels: mean, median (from a 0.05-degree histogram),
-    RMSE, and the share within 11.25 / 22.5 / 30 degrees."""
+    """Angular error of the predicted normals over valid pixels (Multi-Task-Learning-PyTorch eval_normals.py):
+    mean, median (from a 0.05-degree histogram), RMSE, and the share within 11.25 / 22.5 / 30 degrees. The
+    prediction is read back as the reference's 8-bit PNG ((n + 1) 255 / 2, truncated) and renormalised."""
 
     BINS = 3600  # 0.05-degree bins over [0, 180]
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", quantized: bool = True):
+        self.quantized = quantized
         # histogram, then sum, sum of squares
         self.state = torch.zeros(self.BINS + 2, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred (B, 3, H, W) unnormalised; target (B, 3, H, W), IGNORE where invalid."""
+        """pred (B, 3, H, W) (any length); target (B, 3, H, W), IGNORE where invalid, at the same size."""
         valid = target[:, 0] != IGNORE
-        cos = (torch.nn.functional.normalize(pred.double(), dim=1) * target.double()).sum(1)[valid]
+        pred = torch.nn.functional.normalize(pred.double(), dim=1)
+        if self.quantized:
+            pred = torch.nn.functional.normalize(2 * quantize((pred + 1) / 2) - 1, dim=1, eps=1e-12)
+        cos = (pred * target.double()).sum(1)[valid]
         angle = torch.rad2deg(torch.acos(cos.clamp(-1, 1)))
         self.state[: self.BINS] += torch.histc(angle, bins=self.BINS, min=0, max=180)
         self.state[self.BINS] += angle.sum()
@@ -119,50 +153,108 @@ class NormalsMeter(Meter):
                 "rmse": math.sqrt(self.state[self.BINS + 1].item() / n), **within}
 
 
+_SAID_NO_PYEDGEEVAL = False
+
+
 def _boundary_matcher():
-    """pyEdgeEval's per-image boundary matching of the BSDS protocol (thinned predictions matched to the ground
-    truth within a distance tolerance), or None where pyEdgeEval is not installed."""
+    """pyEdgeEval's per-image boundary matching of the BSDS / SEISM protocol (thinned predictions matched to the
+    ground truth within a distance tolerance), or None where pyEdgeEval is not installed (said once)."""
+    global _SAID_NO_PYEDGEEVAL
     if importlib.util.find_spec("pyEdgeEval") is None:
+        if not _SAID_NO_PYEDGEEVAL:
+            _SAID_NO_PYEDGEEVAL = True
+            warnings.warn("pyEdgeEval is not installed: no edge odsF (the edge metric is the balanced BCE, and "
+                          "delta_m leaves edges out). Install it with: pip install -e \".[eval]\"", stacklevel=2)
         return None
     try:
         from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
     except ImportError as e:  # its modules moved between releases
-        warnings.warn(f"pyEdgeEval is installed but has no evaluate_boundaries_threshold ({e}): no edge odsF",
-                      stacklevel=2)
+        if not _SAID_NO_PYEDGEEVAL:
+            _SAID_NO_PYEDGEEVAL = True
+            warnings.warn(f"pyEdgeEval is installed but has no evaluate_boundaries_threshold ({e}): no edge odsF",
+                          stacklevel=2)
         return None
     return evaluate_boundaries_threshold
 
 
-class EdgeMeter(Meter):
-    """Edge detection: the balanced BCE (pos weight 0.95) of the predictions, averaged per image (lower is
-    better), and, where pyEdgeEval is installed, the benchmark's odsF (percent): per threshold, the matched and
-    total pixel counts of every image are summed over the dataset, and odsF is the best F-measure over thresholds.
+def edge_thresholds(n: int) -> np.ndarray:
+    """The n thresholds of SEISM and pyEdgeEval: linspace(1 / (n + 1), 1 - 1 / (n + 1), n); 99 -> 0.01 ... 0.99."""
+    return np.linspace(1.0 / (n + 1), 1.0 - 1.0 / (n + 1), n)
 
-    max_dist 0.0075 (of the image diagonal) is the tolerance of the PASCAL-Context edge benchmark; the thresholds
-    are fewer than its 99 as the matching costs one assignment problem per image and threshold.
+
+def _match_counts(thresholds, prob_u8, gt, max_dist):
+    """One image's (count_r, sum_r, count_p, sum_p) per threshold (4, n): pyEdgeEval's single-gt matching, with
+    the prediction thinned at each threshold (SEISM edgesEvalImg.m). Runs in worker processes."""
+    match = _boundary_matcher()
+    counts = match(thresholds, prob_u8.astype(np.float64) / 255.0, gt, max_dist=max_dist, apply_thinning=True)
+    return np.stack(counts[:4])
+
+
+class EdgeMeter(Meter):
+    """Edge detection, in the SEISM protocol that the reference code uses (seism, via Multi-Task-Learning-PyTorch
+    evaluation/eval_edge.py and seism/pr_curves_base.m):
+
+    - odsF (percent, where pyEdgeEval is installed and ``ods`` is on): for each of 99 thresholds, the prediction
+      (read back as 8-bit) is binarised and thinned, matched to the thinned full-resolution ground truth within
+      max_dist = 0.0075 of the image diagonal, and the matched / total pixel counts of every image are summed over
+      the dataset (gather_measure.m); odsF is the best F = 2 P R / (P + R) over thresholds;
+    - loss: the balanced BCE (pos weight 0.95) of the prediction against the labels, over the dataset's valid
+      pixels (lower is better); the metric where odsF is not computed.
+
+    workers > 0 spreads the matching (one assignment problem per image and threshold) over that many processes.
     """
 
-    def __init__(self, device="cpu", thresholds: int = 20, max_dist: float = 0.0075):
-        self.match = _boundary_matcher()
-        self.thresholds = (np.arange(thresholds) + 0.5) / thresholds
-        self.max_dist = max_dist
-        # loss sum, image count, then per threshold: matched gt, gt, matched prediction, prediction pixel counts
+    def __init__(self, device="cpu", thresholds: int = 99, max_dist: float = 0.0075, ods: bool = True,
+                 workers: int = 0):
+        self.match = _boundary_matcher() if ods else None
+        self.thresholds = edge_thresholds(thresholds)
+        self.max_dist, self.workers = max_dist, workers
+        self._pool, self._pending = None, []
+        # loss sum, valid pixel count, then per threshold: matched gt, gt, matched prediction, prediction counts
         self.state = torch.zeros(2 + 4 * thresholds, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """logits (B, 1, H, W); target (B, H, W) in {0, 1, IGNORE}."""
-        self.state[0] += balanced_bce(logits, target, EDGE_POS_WEIGHT).double() * logits.shape[0]
-        self.state[1] += logits.shape[0]
+    def update(self, prob: torch.Tensor, target: torch.Tensor) -> None:
+        """prob (B, H, W) edge probability; target (B, H, W) in {0, 1, IGNORE}, at the same size."""
+        valid = target != IGNORE
+        y = (target == 1).double()
+        p = prob.double().clamp(1e-7, 1 - 1e-7)
+        loss = -(EDGE_POS_WEIGHT * y * torch.log(p) + (1 - EDGE_POS_WEIGHT) * (1 - y) * torch.log1p(-p))
+        self.state[0] += loss[valid].sum()
+        self.state[1] += valid.sum()
         if self.match is None:
             return
-        prob = torch.sigmoid(logits.float()[:, 0]).cpu().numpy()
-        gt = (target == 1).cpu().numpy()
-        for p, g in zip(prob, gt, strict=True):
-            counts = self.match(self.thresholds, p, [g], max_dist=self.max_dist)  # cntR, sumR, cntP, sumP
-            self.state[2:] += torch.as_tensor(np.stack(counts), dtype=torch.float64).flatten().to(self.state)
+        prob_u8 = (quantize(prob.double()) * 255).round().to(torch.uint8).cpu().numpy()
+        gt = ((target == 1) & valid).cpu().numpy()
+        for p8, g in zip(prob_u8, gt, strict=True):
+            if self.workers > 0:
+                if self._pool is None:
+                    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                                      else "spawn")
+                    self._pool = ctx.Pool(self.workers)
+                self._pending.append(self._pool.apply_async(_match_counts, (self.thresholds, p8, g, self.max_dist)))
+            else:
+                self._add(_match_counts(self.thresholds, p8, g, self.max_dist))
+
+    def _add(self, counts: np.ndarray) -> None:
+        self.state[2:] += torch.as_tensor(counts, dtype=torch.float64).flatten().to(self.state)
+
+    def finish(self) -> None:
+        """Wait for the matching still running in worker processes and add its counts."""
+        for result in self._pending:
+            self._add(result.get())
+        self._pending = []
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def reduce(self) -> None:
+        self.finish()
+        super().reduce()
 
     def compute(self) -> dict[str, float]:
+        self.finish()
         out = {"loss": (self.state[0] / self.state[1].clamp_min(1)).item()}
         if self.match is not None:
             count_r, sum_r, count_p, sum_p = self.state[2:].view(4, -1)
@@ -173,17 +265,22 @@ class EdgeMeter(Meter):
         return out
 
 
-def make_meters(tasks, device="cpu") -> dict[str, Meter]:
+def make_meters(tasks, device="cpu", *, edge_ods: bool = True, edge_thresholds: int = 99,
+                eval_workers: int = 0) -> dict[str, Meter]:
+    """One meter per task. edge_ods: compute the edge odsF (where pyEdgeEval is installed); eval_workers: processes
+    for its boundary matching."""
     meters = {}
     for t in tasks:
-        if t in ("semseg", "human_parts"):
+        if t == "semseg":
             meters[t] = ConfusionMeter(NUM_OUTPUTS[t], device)
+        elif t == "human_parts":
+            meters[t] = ConfusionMeter(NUM_OUTPUTS[t], device, skip_unlabelled=True)
         elif t == "sal":
             meters[t] = SaliencyMeter(device=device)
         elif t == "normals":
             meters[t] = NormalsMeter(device)
         elif t == "edge":
-            meters[t] = EdgeMeter(device)
+            meters[t] = EdgeMeter(device, thresholds=edge_thresholds, ods=edge_ods, workers=eval_workers)
         else:
             raise ValueError(f"unknown task {t!r}")
     return meters

@@ -66,10 +66,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="PASCAL_MT root; default: a synthetic dataset generated under --synthetic-dir")
     g.add_argument("--synthetic-dir", default="runs/synthetic_pascal", help="where the synthetic data lives")
     g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"),
-                   help="images per split and their size, of the synthetic data")
+                   help="images per split and the least shorter side, of the synthetic data (varied, non-square)")
     g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                    help=f"tasks to learn, of {' '.join(TASKS)}")
     g.add_argument("--img-size", type=int, help="train crop and eval resize")
+    g.add_argument("--augment", default="reference", choices=["reference", "crop"],
+                   help="training geometry: the reference's flip, scale 0.75-1.25 and rotation +-20 degrees, then "
+                        "a resize to --img-size; or crop: aspect-preserving random scale, random --img-size crop, flip")
     g.add_argument("--workers", type=int, default=0, help="data loader processes")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", help="local ViT weights (.safetensors, .npz, .pth); none: random init")
@@ -102,6 +105,14 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", default="runs/ase", help="directory for config, logs, checkpoints, plots")
     g.add_argument("--eval-every", type=int, help="epochs between evaluations")
+    g.add_argument("--edge-eval-every", type=int, default=0,
+                   help="epochs between evaluations with the edge odsF (needs pyEdgeEval; the final evaluation "
+                        "always has it; the others report the edge BCE); 0: the final evaluation only")
+    g.add_argument("--eval-workers", type=int, default=0, help="processes for the edge odsF boundary matching")
+    g.add_argument("--edge-thresholds", type=int, default=99,
+                   help="thresholds of the edge odsF (SEISM's 99; the matching costs one assignment per image and "
+                        "threshold: 47 s for one 500x375 image at 99 on a shared, loaded CPU core; spread it with "
+                        "--eval-workers)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")

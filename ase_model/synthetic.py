@@ -65,9 +65,17 @@ def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
     return arr
 
 
-def _draw(rng, size):
+def image_size(rng, size: int) -> tuple[int, int]:
+    """(H, W) of one synthetic image, PASCAL-like: the shorter side in [size, 1.25 size], the longer 1.2-1.5 times
+    it (PASCAL's 500 x 375 is 1.33), landscape three times in four. Never square, never below the training crop
+    `size`, so every resize of the train and eval paths runs."""
+    short = int(rng.integers(size, round(1.25 * size) + 1))
+    long = max(short + 1, round(short * rng.uniform(1.2, 1.5)))
+    return (short, long) if rng.random() < 0.75 else (long, short)
+
+
+def _draw(rng, h, w):
     """One image and its labels: image (H, W, 3) uint8, semseg, context, saliency, normals, objects."""
-    h = w = size
     image = (rng.normal(90, 20, size=(h, w, 3)) + np.linspace(0, 30, w)[None, :, None]).clip(0, 255)
     semseg = np.zeros((h, w), dtype=np.uint8)
     normals = np.zeros((h, w, 3), dtype=np.float32)
@@ -106,11 +114,21 @@ def _draw(rng, size):
     return image.astype(np.uint8), semseg, context, saliency, normals, objects
 
 
+def is_synthetic(root: str) -> bool:
+    """Whether root holds a dataset written by `make_synthetic_pascal`."""
+    try:
+        with open(os.path.join(root, ".complete")) as f:
+            return f.read().startswith("synthetic PASCAL_MT")
+    except OSError:
+        return False
+
+
 def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, size: int = 64, seed: int = 0) -> str:
     """Write a synthetic PASCAL_MT dataset under root (skipped if root already holds this very one; written anew
-    over one made with other sizes or seed). Returns root."""
+    over one made with other sizes or seed). Images have varied, non-square sizes, each side at least `size`
+    (see `image_size`). Returns root."""
     done = os.path.join(root, ".complete")
-    stamp = f"synthetic PASCAL_MT: {num_train} train, {num_val} val, {size}x{size}, seed {seed}\n"
+    stamp = f"synthetic PASCAL_MT v2 (varied sizes): {num_train} train, {num_val} val, sides >= {size}, seed {seed}\n"
     if os.path.exists(done):
         with open(done) as f:
             if f.read() == stamp:
@@ -127,7 +145,7 @@ def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, siz
               "val": [f"2009_{i:06d}" for i in range(num_val)]}
     for split, ids in splits.items():
         for image_id in ids:
-            image, semseg, context, saliency, normals, objects = _draw(rng, size)
+            image, semseg, context, saliency, normals, objects = _draw(rng, *image_size(rng, size))
             Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=95)
             Image.fromarray(semseg).save(os.path.join(root, "semseg", "pascal-context", f"{image_id}.png"))
             Image.fromarray(saliency).save(os.path.join(root, "sal_distill", f"{image_id}.png"))

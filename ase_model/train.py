@@ -82,7 +82,7 @@ class Trainer:
             if self.world > 1:
                 dist.barrier()
             root = args.synthetic_dir
-        self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed)
+        self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
         self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
         self.model = build_model(args).to(self.device)
         if args.pretrained:
@@ -242,7 +242,7 @@ class Trainer:
             self.step_in_epoch = 0
             self.epoch_sums = {}
             if self.epoch % args.eval_every == 0 or self.epoch >= args.epochs:
-                results = self.evaluate()
+                results = self.evaluate(final=self.epoch >= args.epochs)
                 record.update(flatten(results))
                 score = results.get("delta_m", {}).get("value", -math.inf)
                 if math.isfinite(score) and score > self.best:
@@ -268,9 +268,12 @@ class Trainer:
         dist.all_reduce(values)
         return {k: v / self.world for k, v in zip(keys, values.tolist(), strict=True)}
 
-    def evaluate(self) -> dict:
+    def evaluate(self, final: bool = True) -> dict:
+        every = self.args.edge_eval_every
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
-                        workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main)
+                        workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main,
+                        edge_ods=final or (every > 0 and self.epoch % every == 0), eval_workers=self.args.eval_workers,
+                        edge_thresholds=self.args.edge_thresholds)
 
     def log_record(self, record: dict) -> None:
         if not self.main:

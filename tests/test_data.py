@@ -1,5 +1,6 @@
 """ase_model/data.py and ase_model/synthetic.py: every label type decoded as the PASCAL_MT layout defines it."""
 
+import math
 import os
 
 import numpy as np
@@ -10,11 +11,16 @@ from PIL import Image
 
 from ase_model.data import (
     IGNORE,
+    MEAN,
+    STD,
     DataError,
     PascalContextMT,
+    _augment_reference,
+    collate,
     decode_human_parts,
     edges_from_context,
     normals_valid_classes,
+    rotation_matrix,
     thin,
 )
 from ase_model.synthetic import CONTEXT_CLASSES, PERSON_CLASS, _struct_array, make_synthetic_pascal
@@ -212,4 +218,112 @@ def test_synthetic_dataset_is_reused_only_when_it_matches(tmp_path):
     assert os.path.getmtime(f"{root}/JPEGImages/2008_000000.jpg") == first, "the same request reuses the files"
     make_synthetic_pascal(root, num_train=3, num_val=1, size=24)
     ds = PascalContextMT(root, "train", img_size=24)
-    assert len(ds) == 3 and ds.load(2)["image"].shape == (24, 24, 3), "another request writes a new dataset"
+    assert len(ds) == 3 and min(ds.load(2)["image"].shape[:2]) >= 24, "another request writes a new dataset"
+
+
+# --- geometry: PASCAL-like synthetic sizes, full-resolution evaluation labels, the reference's augmentation -------
+
+def test_synthetic_images_are_pascal_like_in_geometry(synthetic):
+    ds = PascalContextMT(synthetic, "train", img_size=32)
+    shapes = [ds.load(i)["image"].shape[:2] for i in range(len(ds))]
+    assert all(h != w and min(h, w) >= 32 for h, w in shapes), shapes
+    assert len(set(shapes)) > 1, "sizes vary"
+
+
+def test_eval_samples_keep_full_resolution_labels(synthetic):
+    ds = PascalContextMT(synthetic, "val", img_size=24)
+    raw, sample = ds.load(1), ds[1]
+    h, w = raw["image"].shape[:2]
+    assert sample["image"].shape == (3, 24, 24) and sample["size"].tolist() == [h, w]
+    for k in ("semseg", "human_parts", "sal", "edge"):
+        np.testing.assert_array_equal(sample[k].numpy(), raw[k].astype(np.float64), err_msg=k)
+    assert sample["normals"].shape == (3, h, w)
+    np.testing.assert_array_equal(sample["edge"].numpy(), edges_from_context(raw["semseg"] * 2),
+                                  err_msg="edges thinned at full resolution, not resized")
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["image"].shape == (len(ds), 3, 24, 24)
+    assert isinstance(batch["semseg"], list) and [t.shape for t in batch["semseg"]] == [
+        tuple(ds[i]["size"].tolist()) for i in range(len(ds))]
+
+
+class _Draws:
+    """An rng whose random() returns the given values in turn: flip?, angle, scale."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def _labels(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"semseg": torch.randint(0, 21, (h, w), generator=g).float(),
+            "human_parts": torch.randint(0, 7, (h, w), generator=g).float(),
+            "sal": torch.randint(0, 2, (h, w), generator=g).float(),
+            "edge": torch.randint(0, 2, (h, w), generator=g).float()}
+
+
+def test_reference_augmentation_without_flip_rotation_or_scaling_is_the_resize():
+    s = 6
+    h, w = 3 * s, 5 * s  # integer ratios: the nearest source pixel of (y, x) is (3 y + 1, 5 x + 2), no ties
+    labels = _labels(h, w)
+    normals = torch.nn.functional.normalize(torch.randn(3, h, w), dim=0)
+    # random() draws: 0.9 -> no flip; 0.5 -> angle 0; 0.5 -> scale 1
+    image, out, _ = _augment_reference(torch.randn(3, h, w), labels, normals, s, _Draws(0.9, 0.5, 0.5),
+                                       (0.75, 1.25), 20.0)
+    assert image.shape == (3, s, s)
+    ys, xs = torch.arange(s) * 3 + 1, torch.arange(s) * 5 + 2
+    for k, v in labels.items():
+        assert torch.equal(out[k], v[ys][:, xs]), k
+
+
+def test_reference_rotation_is_cv2_s_and_turns_the_normals():
+    n = 8
+    labels = {k: torch.zeros(n, n) for k in ("semseg", "human_parts", "sal", "edge")}
+    labels["semseg"][2, 5] = 7  # source (x, y) = (5, 2)
+    normals = torch.zeros(3, n, n)
+    normals[0] = 1.0  # pointing along +x everywhere
+    # random() draws: 0.9 -> no flip; 1.0 -> angle +max_rotation = 90 degrees; 0.5 -> scale 1
+    _, out, turned = _augment_reference(torch.zeros(3, n, n), labels, normals, n, _Draws(0.9, 1.0, 0.5),
+                                        (0.75, 1.25), 90.0)
+    m = rotation_matrix((n / 2, n / 2), 90.0, 1.0)
+    x, y = m @ np.array([5.0, 2.0, 1.0])  # cv2.getRotationMatrix2D's destination of the source pixel
+    assert out["semseg"][int(round(y)), int(round(x))] == 7 and out["semseg"].sum() == 7
+    # the reference: in_plane = atan2(n_x, n_y) + angle, (n_x, n_y) = (sin, cos) * |(n_x, n_y)|
+    in_plane = math.atan2(1.0, 0.0) + math.radians(90.0)
+    inside = turned[0] != IGNORE
+    assert inside.sum() > 0.5 * n * n
+    torch.testing.assert_close(turned[0][inside], torch.full_like(turned[0][inside], math.sin(in_plane)),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(turned[1][inside], torch.full_like(turned[1][inside], math.cos(in_plane)),
+                               atol=1e-5, rtol=0)
+
+
+def test_reference_augmentation_pads_like_warp_affine():
+    h, w = 12, 16
+    labels = _labels(h, w)
+    labels["semseg"] += 1  # no background in the source
+    labels["human_parts"][:] = IGNORE  # an image without a person
+    normals = torch.nn.functional.normalize(torch.randn(3, h, w), dim=0)
+    # a 20-degree rotation at scale 0.75: the corners come from outside the canvas
+    _, out, turned = _augment_reference(torch.randn(3, h, w), labels, normals, 10, _Draws(0.9, 1.0, 0.0),
+                                        (0.75, 1.25), 20.0)
+    corner = (0, 0)
+    black = torch.from_numpy(-MEAN / STD)
+    image, _, _ = _augment_reference(torch.randn(3, h, w), labels, normals, 10, _Draws(0.9, 1.0, 0.0),
+                                     (0.75, 1.25), 20.0)
+    torch.testing.assert_close(image[:, 0, 0], black, msg="the image is padded black, as the raw image was")
+    assert out["semseg"][corner] == 0 and out["sal"][corner] == 0 and out["edge"][corner] == 0
+    assert (turned[:, 0, 0] == IGNORE).all(), "normals from outside the canvas are invalid"
+    assert (out["human_parts"] == IGNORE).all(), "an image without parts stays all IGNORE"
+    valid = turned[0] != IGNORE
+    torch.testing.assert_close(turned[:, valid].norm(dim=0), torch.ones(int(valid.sum())))
+
+
+def test_train_samples_use_the_chosen_augmentation(synthetic):
+    for augment in ("reference", "crop"):
+        sample = PascalContextMT(synthetic, "train", img_size=20, augment=augment)[0]
+        assert sample["image"].shape == (3, 20, 20) and sample["semseg"].shape == (20, 20)
+    with pytest.raises(ValueError, match="augment"):
+        PascalContextMT(synthetic, "train", augment="rotate")

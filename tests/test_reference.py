@@ -99,9 +99,9 @@ def test_moe_lora_adds_the_gated_experts_to_the_base():
 
 
 def test_mi_loss_hand_computed():
-    # two tasks each own one expert: P(t,e) = 1/2 on the diagonal, P(t) = P(e) = 1/2, ratio 2
+    # two tasks each own one expert (Mod-Squad's 1e-4 smoothing: see tests/test_mi_loss.py): close to -log 2
     loss = reference.mi_loss(torch.tensor([[3.0, 0.0], [0.0, 3.0]], dtype=F64))
-    torch.testing.assert_close(loss, torch.tensor(-math.log(2 + 1e-4), dtype=F64))
-    # independent tasks and experts: ratio 1, loss -log(1 + 1e-4)
+    assert abs(loss.item() + math.log(2)) < 2e-3
+    # independent tasks and experts: P(t,e) = P(t) P(e) up to the smoothing, loss close to 0
     loss = reference.mi_loss(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64))
-    torch.testing.assert_close(loss, torch.tensor(-math.log(1 + 1e-4), dtype=F64))
+    assert abs(loss.item()) < 1e-3
