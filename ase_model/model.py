@@ -142,7 +142,8 @@ class MultiTaskViT(nn.Module):
     def routing_stats(self) -> dict[str, torch.Tensor] | None:
         """Routing of the last forward, per layer: ``shared_gate`` (layers, tasks), the mean total gate of the
         shared experts for each task, and ``load`` (layers, tasks, N), the share of each task's tokens each expert
-        served. None for a model without experts."""
+        served (rows sum to k + S; the last S columns, the shared experts, are 1). None for a model without
+        experts."""
         stats = [m.routing_stats() for m in self.ase_layers()]
         if not stats:
             return None

@@ -412,7 +412,8 @@ class Trainer:
         if self.main and not args.no_plots:
             from .plots import save_plots
 
-            save_plots(self.history, args.output, self.model.tasks)
+            shared = args.num_shared if args.num_experts else 0
+            save_plots(self.history, args.output, self.model.tasks, num_shared=shared)
         return results
 
     def evaluate(self) -> dict:
