@@ -446,3 +446,40 @@ def test_log_every_changes_nothing_and_compile_matches_eager(tiny, whole, tmp_pa
     for x, y in zip(_history(whole), _history(compiled), strict=True):
         for key in [k for k in x if k.startswith("train/")]:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+
+
+HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "masked_select"}
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor back to the host (a device sync on a GPU), by caller, leaving out
+    torch.optim's: its step counters are CPU tensors, or device tensors with the fused CUDA AdamW."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            import traceback
+
+            callers = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            optim = any("/torch/optim/" in f.filename for f in traceback.extract_stack())
+            if not optim:
+                self.calls.append(f"{func.__name__} at {callers[-1].filename}:{callers[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tiny, tmp_path):
+    trainer = train.Trainer(options.resolve_args(tiny + ["--output", str(tmp_path / "run")]))
+    batches = iter(trainer.batches(0, 0))
+    trainer.pending.append(trainer.train_step(next(batches)))  # the first step range-checks the task ids once
+    for _ in range(2):
+        batch = next(batches)
+        with _HostReads() as reads:
+            trainer.pending.append(trainer.train_step(batch))
+        assert reads.calls == []
+    with _HostReads() as reads:
+        trainer.flush()  # the steps' losses: one read per --log-every steps
+    assert len(reads.calls) == 1 and reads.calls[0].startswith("tolist"), reads.calls
+    assert set(trainer.epoch_sums) >= {"loss", "mi", "semseg"} and not os.path.exists(tmp_path / "run")
