@@ -194,12 +194,15 @@ def vit_table(rows, gpu: bool = True) -> str:
     vit = [r for r in rows if r["test"] == "bench_vit_train_step"]
     if not vit:
         return ""
-    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain"}
+    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain" and r.get("mode", "eager") == "eager"}
+    modes = ("eager", "compiled", "graphed")
     lines = ["\n### 5-task ViT training step (images per task; the backbone batch is 5x that)\n",
-             "| images/task | implementation | images/s | ms/step | x plain | TFLOP/s | memory MiB |",
+             "| images/task | implementation, mode | images/s | ms/step | x plain eager | TFLOP/s | memory MiB |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(vit, key=lambda r: (r["images"], ("plain", "ase", "reference").index(r["impl"]))):
-        lines.append(f"| {r['images']} | {impl_label(r['impl'], gpu)} | {r['images_per_s']:.1f} | {r['ms']:.1f} | "
+    for r in sorted(vit, key=lambda r: (r["images"], ("plain", "ase", "reference").index(r["impl"]),
+                                        modes.index(r.get("mode", "eager")))):
+        label = impl_label(r["impl"], gpu) + ("" if r.get("mode", "eager") == "eager" else f", {r['mode']}")
+        lines.append(f"| {r['images']} | {label} | {r['images_per_s']:.1f} | {r['ms']:.1f} | "
                      f"{_fmt(_ratio(r['ms'], plain.get(r['images'])), '.2f')} | {_fmt(r.get('tflops'), '.2f')} | "
                      f"{_fmt(r.get('memory_mb'), '.0f')} |")
     return "\n".join(lines)
@@ -257,10 +260,12 @@ def plot(rows, ffn: FFN, path: str) -> None:
     curves(axes[1, 2], "bench_route_scaling", ("ase", "torch"), "routing fwd+bwd against tokens: ms")
     ax = axes[1, 3]
     for impl in ("plain", "ase", "reference"):
-        pts = sorted((r["images"], r["images_per_s"]) for r in rows
-                     if r["test"] == "bench_vit_train_step" and r["impl"] == impl)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=impl, color=COLORS[impl])
+        for mode, style in (("eager", "-"), ("compiled", "--"), ("graphed", ":")):
+            pts = sorted((r["images"], r["images_per_s"]) for r in rows if r["test"] == "bench_vit_train_step"
+                         and r["impl"] == impl and r.get("mode", "eager") == mode)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, marker="o", color=COLORS[impl],
+                        label=impl if mode == "eager" else f"{impl} {mode}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("images per task")
     ax.set_title("5-task ViT training step: images/s")
