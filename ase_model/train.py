@@ -128,7 +128,10 @@ class Trainer:
         self.model = build_model(args).to(self.device)
         self.load_backbone()
         self.net = self.model
-        if args.compile or args.cuda_graphs:
+        if self.world > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.index
+                                               is not None else None)
+        if args.compile or args.cuda_graphs:  # compiled around DDP, so that its optimizer splits at the buckets
             mode = None
             if args.cuda_graphs and not cuda:
                 self.log("--cuda-graphs: no CUDA device, so no CUDA graphs" + (": the model is compiled without"
@@ -136,10 +139,7 @@ class Trainer:
             elif args.cuda_graphs:
                 mode = "reduce-overhead"
             if args.compile or mode:
-                self.net = torch.compile(self.model, mode=mode)
-        if self.world > 1:
-            self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.index
-                                               is not None else None)
+                self.net = torch.compile(self.net, mode=mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
         self.per_rank = args.batch_size // self.world
