@@ -355,8 +355,10 @@ class Trainer:
             return self.loop()
         except DataError:
             # a file that cannot be read (between steps, or in the evaluation after an epoch's steps): keep the
-            # work done so far; a resumed run starts with the batch or evaluation that failed
-            self.checkpoint("last.pt")
+            # work done so far; a resumed run starts with the batch or evaluation that failed. Under torchrun only
+            # this rank failed, and the others wait in another collective: last.pt stays the last periodic one.
+            if self.world == 1:
+                self.checkpoint("last.pt")
             raise
         finally:
             for s, h in handlers.items():
@@ -473,8 +475,12 @@ def train(argv, args) -> dict:
             raise SystemExit(128 + stop.signum) from None
         except DataError as e:
             message = str(e).strip().splitlines()[-1]  # a worker's error comes with its traceback as text
-            trainer.log(f"stopping: {message}. last.pt holds step {trainer.step}: fix or replace the file, check the "
-                        f"data with python -m ase_model.check_data, and --resume")
+            saved = f"step {trainer.step}" if trainer.world == 1 else "the last periodic checkpoint"
+            trainer.log(f"stopping: {message}. last.pt holds {saved}: fix or replace the file, check the data with "
+                        "python -m ase_model.check_data, and --resume")
+            if trainer.world > 1:
+                print(f"rank {trainer.rank}: stopping: {message}", file=sys.stderr, flush=True)  # maybe not rank 0
+                os._exit(2)  # the other ranks wait in a collective that will not come
             raise SystemExit(2) from None
         except FloatingPointError as e:
             trainer.log(f"stopping: {e}")
