@@ -496,3 +496,23 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny, tmp_path):
         trainer.flush()  # the steps' losses: one read per --log-every steps
     assert len(reads.calls) == 1 and reads.calls[0].startswith("tolist"), reads.calls
     assert set(trainer.epoch_sums) >= {"loss", "mi", "semseg"} and not os.path.exists(tmp_path / "run")
+
+
+def test_sigterm_from_another_process_saves_and_resumes_exactly(tiny, whole, tmp_path):
+    import time
+
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(train.__file__))]
+                                                      + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    proc = subprocess.Popen([sys.executable, "-m", "ase_model.train", *tiny, "--output", out, "--no-plots",
+                             "--checkpoint-every", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(out, "last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.terminate()  # SIGTERM, as a scheduler preempting the job
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    step = torch.load(os.path.join(out, "last.pt"), weights_only=False)["step"]
+    assert f"stopped by SIGTERM: last.pt holds step {step}" in err and 2 <= step < 8
+    train.main(["--output", out, "--no-plots", "--resume"])
+    _assert_same_run(whole, out, "after SIGTERM from outside and resume")
