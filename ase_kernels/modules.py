@@ -114,8 +114,10 @@ class _Routed(nn.Module):
     @torch.no_grad()
     def routing_stats(self) -> dict[str, torch.Tensor]:
         """Statistics of the last forward, for training logs: ``shared_gate`` (tasks,) the mean total gate of the
-        shared experts over each task's tokens, and ``load`` (tasks, N) the fraction of each task's tokens that
-        each expert served. Tasks without tokens get 0. Device tensors: no host synchronisation."""
+        shared experts over each task's tokens, and ``load`` (tasks, N) the share of each task's tokens that each
+        expert served (selected for, whatever its gate): every token is served by its k sparse and all S shared
+        experts, so each row sums to k + S, and the S shared columns (the last ones) are 1. Tasks without tokens
+        get 0. Device tensors: no host synchronisation."""
         last = self._last
         if last.indices is None:
             raise RuntimeError("routing_stats() needs a forward call first")

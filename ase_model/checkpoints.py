@@ -1,26 +1,79 @@
-"""Checkpoints: atomic writes and the random-number state a run resumes from."""
+"""Checkpoints: atomic writes, the previous checkpoint kept as a fallback, and the random-number state a run
+resumes from."""
 
+import contextlib
 import os
 import random
+import tempfile
 
 import numpy as np
 import torch
 
-
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from .errors import UserError
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def previous_path(path: str) -> str:
+    """last.pt -> last.prev.pt: where save_atomic(..., keep_previous=True) keeps the file it replaces."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def write_atomic(path: str, write, keep_previous: bool = False) -> None:
+    """Call write(file) on a temporary file of a unique name in path's directory, flush it to disk, then rename it
+    to path: a crash leaves the old file or the new one, and concurrent writers never share a temporary file.
+    keep_previous: the file being replaced stays as previous_path(path) (a hard link, so path always exists)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            link = f"{tmp}.prev"
+            os.link(path, link)
+            os.replace(link, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        for leftover in (tmp, f"{tmp}.prev"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        raise
+
+
+def save_atomic(obj, path: str, keep_previous: bool = False) -> None:
+    """torch.save(obj) to path atomically (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f), keep_previous)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by the trainer; UserError naming the file if it is missing, damaged or foreign."""
+    if not os.path.isfile(path):
+        raise UserError(f"no such checkpoint: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, foreign pickle, text file: torch raises many types
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not {"model", "args"} <= set(state):
+        raise UserError(f"{path} is not a checkpoint of ase_model.train (no model weights and options in it)")
+    return state
+
+
+def read_latest(path: str, log) -> tuple[str, dict]:
+    """(the file read, its state): path, or previous_path(path) with a message when path is damaged or missing."""
+    prev = previous_path(path)
+    try:
+        return path, read_checkpoint(path)
+    except UserError as damaged:
+        if not os.path.exists(prev):
+            raise
+        state = read_checkpoint(prev)
+        log(f"{damaged}; resuming from the previous checkpoint {prev} (step {state.get('step')})")
+        return prev, state
 
 
 def rng_state() -> dict:

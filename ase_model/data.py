@@ -205,6 +205,16 @@ class PascalContextMT(Dataset):
     def _path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
+    def files(self, index: int) -> list[str]:
+        """The files `load(index)` reads (semseg: the VOC12 annotation where it exists, else pascal-context's)."""
+        i = self.ids[index]
+        semseg = self._path("semseg", "VOC12", f"{i}.png")
+        if not os.path.exists(semseg):
+            semseg = self._path("semseg", "pascal-context", f"{i}.png")
+        return [self._path("JPEGImages", f"{i}.jpg"), semseg, self._path("pascal-context", "trainval", f"{i}.mat"),
+                self._path("normals_distill", f"{i}.png"), self._path("sal_distill", f"{i}.png"),
+                self._path("human_parts", f"{i}.mat")]
+
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The decoded labels of one image at full resolution (numpy, before any resize)."""
         i = self.ids[index]

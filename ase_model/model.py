@@ -114,11 +114,24 @@ class MultiTaskViT(nn.Module):
         x = vit._pos_embed(vit.patch_embed(images))  # (B, L, dim)
         x = x.repeat(len(self.tasks), 1, 1) + self.task_embed[ids]  # task embedding, added once
         x = vit.norm_pre(vit.patch_drop(x))
-        with ak.task_ids(vit, ids):
+        with ak.task_ids(vit, self._token_task_ids(b, x.shape[1], images.device)):
             x = vit.blocks(x)
         x = vit.norm(x)[:, vit.num_prefix_tokens:]
         h, w = vit.patch_embed.grid_size
         return x.transpose(1, 2).reshape(x.shape[0], -1, h, w), ids
+
+    def _token_task_ids(self, b: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """The task id of every token of a task-major batch, one tensor per shape, reused from step to step: the
+        experts range-check an ids tensor once (a read from the device), not at every step and layer."""
+        key = (b, tokens, str(device))
+        cache = self.__dict__.setdefault("_ids_cache", {})
+        if key not in cache or torch.compiler.is_compiling():
+            ids = torch.arange(len(self.tasks), device=device).repeat_interleave(b * tokens)
+            if torch.compiler.is_compiling():
+                return ids
+            cache.clear()
+            cache[key] = ids
+        return cache[key]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) -> {task: (B, C_task, H, W)}."""
@@ -142,7 +155,8 @@ class MultiTaskViT(nn.Module):
     def routing_stats(self) -> dict[str, torch.Tensor] | None:
         """Routing of the last forward, per layer: ``shared_gate`` (layers, tasks), the mean total gate of the
         shared experts for each task, and ``load`` (layers, tasks, N), the share of each task's tokens each expert
-        served. None for a model without experts."""
+        served (rows sum to k + S; the last S columns, the shared experts, are 1). None for a model without
+        experts."""
         stats = [m.routing_stats() for m in self.ase_layers()]
         if not stats:
             return None

@@ -13,10 +13,10 @@ and plots (PNG) to --output.
 import argparse
 import os
 
-import torch
 import yaml
 
 from .data import TASKS
+from .errors import UserError
 
 # options (this module's docstring is the --help text): presets, the parser, and how a preset, a config
 # file, a checkpoint and the command line combine into one resolved set
@@ -56,9 +56,16 @@ def _presets_table() -> str:
     return "defaults set by --preset (a config file or the command line overrides them):\n" + "\n".join(rows)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A user error is one line naming the option (not the whole usage), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(--help lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
-                                formatter_class=_HelpFormatter)
+    p = _Parser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
+                formatter_class=_HelpFormatter)
     add = p.add_argument
     add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")
     add("--preset", choices=sorted(PRESETS), help="defaults for the model and schedule (default: tiny)")
@@ -73,9 +80,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", default="reference", choices=["reference", "crop"],
                    help="training geometry: the reference's flip, scale 0.75-1.25 and rotation +-20 degrees, then "
                         "a resize to --img-size; or crop: aspect-preserving random scale, random --img-size crop, flip")
-    g.add_argument("--workers", type=int, default=0, help="data loader processes")
+    g.add_argument("--workers", type=int, help="data loader processes (default: 0 on a CPU, 8 on CUDA, where "
+                   "batches also come in pinned memory)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", help="local ViT weights (.safetensors, .npz, .pth); none: random init")
+    g.add_argument("--pretrained-sha256", help="the sha256 --pretrained must have (recorded in every checkpoint; "
+                   "--resume and --eval-only check it)")
     g.add_argument("--patch-size", type=int, help="ViT patch")
     g.add_argument("--embed-dim", type=int, help="ViT width")
     g.add_argument("--depth", type=int, help="ViT blocks")
@@ -114,7 +124,16 @@ def parser() -> argparse.ArgumentParser:
                         "threshold: 47 s for one 500x375 image at 99 on a shared, loaded CPU core; spread it with "
                         "--eval-workers)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt, with the options saved in "
+                   "it (a changed model or data option is refused, a changed schedule option applied)")
+    g.add_argument("--overwrite", action="store_true", help="start anew in an OUTPUT that holds a run: its files "
+                   "are removed once the new run is set up (without it, a non-empty OUTPUT is refused)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between reading the losses on the host "
+                   "(progress bar, TensorBoard, the non-finite check); the logs are the same for any value")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--cuda-graphs", action="store_true", help="capture the fixed-shape training forward and "
+                   "backward in CUDA graphs (torch.compile mode reduce-overhead); ignored, with a message, without "
+                   "CUDA")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")
     g.add_argument("--reference", default=REFERENCE, help="single-task reference metrics for delta_m")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
@@ -124,30 +143,112 @@ def parser() -> argparse.ArgumentParser:
 # what a checkpoint's model is and what data it learned from: --eval-only takes these from the checkpoint
 CHECKPOINT_OPTIONS = ("tasks", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "lora_rank",
                       "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
-                      "synthetic_dir", "synthetic_size", "seed")
+                      "synthetic_dir", "synthetic_size", "seed", "pretrained", "pretrained_sha256")
+# --resume takes every option from the checkpoint except these, which say how to run, not what
+RUN_CONTROL = ("config", "output", "resume", "overwrite", "eval_only", "max_steps", "eval_workers")
+# ... and refuses to change what the run is (the model, its weights, its data and their order)
+FIXED_ON_RESUME = tuple(k for k in CHECKPOINT_OPTIONS if k != "pretrained") + ("preset", "batch_size", "augment")
+# ... and applies a changed schedule, saying so (the run is then no longer the one it would have been)
+SCHEDULE_OPTIONS = ("epochs", "lr", "warmup_steps", "schedule", "weight_decay", "clip_grad", "mi_weight", "amp",
+                    "edge_eval_every", "edge_thresholds")
+
+POSITIVE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "epochs", "batch_size", "lr",
+            "eval_every", "log_every", "edge_thresholds")
+NON_NEGATIVE = ("lora_rank", "num_experts", "top_k", "num_shared", "expert_rank", "weight_decay", "warmup_steps",
+                "clip_grad", "mi_weight", "max_steps", "checkpoint_every", "workers", "edge_eval_every", "eval_workers")
 
 
-def resolve_args(argv=None) -> argparse.Namespace:
-    """preset < the checkpoint's model and data options (--eval-only) < config file < command line; every option
-    ends with a value."""
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values a run cannot use are refused here, naming the option (also those from a config file or checkpoint,
+    which argparse does not type-check)."""
+    types = {a.dest: a.type for a in p._actions if a.type in (int, float)}
+    for dest, kind in types.items():
+        value = getattr(args, dest)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or (kind is int and not isinstance(v, int))):
+                p.error(f"{_option(dest)}: expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+    for dest in POSITIVE:
+        if getattr(args, dest) is not None and not getattr(args, dest) > 0:
+            p.error(f"{_option(dest)} must be positive, got {getattr(args, dest)}")
+    for dest in NON_NEGATIVE:
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
+            p.error(f"{_option(dest)} must be 0 or more, got {getattr(args, dest)}")
+    if min(args.synthetic_size) < 1:
+        p.error(f"--synthetic-size: counts and size must be positive, got {args.synthetic_size}")
+    if args.img_size % args.patch_size:
+        p.error(f"--img-size {args.img_size} must be a multiple of --patch-size {args.patch_size}")
+    if args.embed_dim % args.num_heads:
+        p.error(f"--embed-dim {args.embed_dim} must be a multiple of --num-heads {args.num_heads}")
+    if args.num_experts:
+        if args.expert_rank < 1 or args.top_k < 1:
+            p.error("--expert-rank and --top-k must be positive when --num-experts is")
+        if args.top_k + args.num_shared > args.num_experts:
+            p.error(f"--top-k {args.top_k} + --num-shared {args.num_shared} exceed --num-experts {args.num_experts}")
+    if args.num_experts and args.mode == "none" and args.num_shared:
+        p.error("--mode none is the baseline without shared experts: set --num-shared 0")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output, --overwrite replaces it: choose one")
+    if args.eval_only and (args.resume or args.overwrite):
+        p.error("--eval-only writes eval_*.{yaml,json} beside a run: it takes neither --resume nor --overwrite")
+
+
+def resume_changes(args: argparse.Namespace, saved: dict) -> list[str]:
+    """What a resumed run changes against the checkpoint's options: UserError naming every changed model or data
+    option; the list of changed schedule options, which the trainer applies."""
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    fixed = [f"{_option(k)} {show(getattr(args, k))} (the run has {show(saved[k])})"
+             for k in FIXED_ON_RESUME if k in saved and getattr(args, k) != saved[k]]
+    if args.pretrained and not saved.get("pretrained"):  # a moved file is fine: its sha256 is checked on loading
+        fixed.append(f"--pretrained {args.pretrained} (the run has None: a random backbone)")
+    if fixed:
+        raise UserError(f"--resume cannot change the model or data of the run in {args.output}: " + "; ".join(fixed)
+                        + ". Keep them, or start a new run with another --output")
+    return [f"{_option(k)} {show(getattr(args, k))} (was {show(saved[k])})"
+            for k in SCHEDULE_OPTIONS if k in saved and getattr(args, k) != saved[k]]
+
+
+def resolve_args(argv=None, resumed: dict | None = None) -> argparse.Namespace:
+    """preset < the checkpoint's options (its model and data for --eval-only; all but RUN_CONTROL for `resumed`,
+    the options of the checkpoint a --resume continues) < config file < command line; every option ends with a
+    valid value."""
     p = parser()
     first, _ = p.parse_known_args(argv)
     cfg = {}
     if first.config:
-        with open(first.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(first.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            p.error(f"-c {first.config}: cannot read it as YAML ({e})")
+        if not isinstance(cfg, dict):
+            p.error(f"-c {first.config}: expected a mapping of option names to values")
         unknown = set(cfg) - {a.dest for a in p._actions}
         if unknown:
             p.error(f"{first.config}: unknown options {sorted(unknown)}")
     saved = {}
+    known = {a.dest for a in p._actions}
     if first.eval_only:
-        if not os.path.isfile(first.eval_only):
-            p.error(f"--eval-only: no such file: {first.eval_only}")
-        saved = torch.load(first.eval_only, map_location="cpu", weights_only=False).get("args", {})
+        from .checkpoints import read_checkpoint
+
+        try:
+            saved = read_checkpoint(first.eval_only)["args"]
+        except UserError as e:
+            p.error(f"--eval-only: {e}")
         saved = {k: saved[k] for k in CHECKPOINT_OPTIONS if k in saved}
-    preset = first.preset or cfg.get("preset") or "tiny"
+    elif resumed:
+        saved = {k: v for k, v in resumed.items() if k in known and k not in RUN_CONTROL}
+    preset = first.preset or cfg.get("preset") or saved.get("preset") or "tiny"
+    if preset not in PRESETS:
+        p.error(f"--preset {preset}: expected one of {sorted(PRESETS)}")
     p.set_defaults(**(PRESETS[preset] | saved | cfg | {"preset": preset}))
     args = p.parse_args(argv)
-    if args.num_experts and args.mode == "none" and args.num_shared:
-        p.error("--mode none is the baseline without shared experts: set --num-shared 0")
+    validate(p, args)
     return args

@@ -10,8 +10,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def save_plots(history: list[dict], output: str, tasks) -> list[str]:
-    """Write the plots of history (the records of metrics.jsonl) to output; returns their paths."""
+def usage_image(load: np.ndarray, num_shared: int) -> tuple[np.ma.MaskedArray, float]:
+    """The expert-by-task usage (tasks, N) as drawn: the shared experts (the last num_shared columns, which serve
+    every token: 1.0) masked out so that the colour scale, 0 to its returned top, spans the sparse experts' shares
+    (rows sum to k over the sparse experts)."""
+    image = np.ma.masked_array(load, mask=np.zeros_like(load, dtype=bool))
+    if num_shared:
+        image.mask[:, load.shape[1] - num_shared:] = True
+    sparse = load[:, :load.shape[1] - num_shared]
+    top = float(sparse.max()) if sparse.size else 1.0
+    return image, top if top > 0 else 1.0
+
+
+def save_plots(history: list[dict], output: str, tasks, num_shared: int = 0) -> list[str]:
+    """Write the plots of history (the records of metrics.jsonl) to output; returns their paths. num_shared: S,
+    the shared experts (the last S of each layer's N), marked in the usage plot."""
     paths = []
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -42,13 +55,24 @@ def save_plots(history: list[dict], output: str, tasks) -> list[str]:
 
         load = np.asarray([r for r in history if "routing" in r][-1]["routing"]["load"])  # (layers, tasks, N)
         fig, axes = plt.subplots(1, 2, figsize=(11, 3), squeeze=False)
+        n = load.shape[-1]
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
         for ax, (title, data) in zip(axes[0], [("mean over layers", load.mean(0)), ("last layer", load[-1])],
                                      strict=True):
-            im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            image, top = usage_image(data, num_shared)
+            im = ax.imshow(image, aspect="auto", cmap=cmap, vmin=0, vmax=top)
             ax.set_yticks(range(len(tasks)), list(tasks))
-            ax.set_xlabel("expert")
-            ax.set_title(f"share of tokens per expert ({title})")
-            fig.colorbar(im, ax=ax)
+            ticks = list(range(0, n - num_shared, max(1, (n - num_shared) // 8))) + list(range(n - num_shared, n))
+            ax.set_xticks(ticks, [str(e) if e < n - num_shared else f"S{e - (n - num_shared)}" for e in ticks],
+                          fontsize=7)
+            for e in range(n - num_shared, n):
+                ax.text(e, (len(tasks) - 1) / 2, "shared (1.0)", rotation=90, ha="center", va="center",
+                        fontsize=7)
+            if num_shared:
+                ax.axvline(n - num_shared - 0.5, color="k", lw=1.5)
+            ax.set_xlabel("expert (S: shared, grey)" if num_shared else "expert")
+            ax.set_title(f"share of each task's tokens per sparse expert ({title})", fontsize=9)
+            fig.colorbar(im, ax=ax, label=f"share of tokens (scale 0 to {top:.2f})")
         paths.append(_save(fig, output, "expert_usage.png"))
     return paths
 

@@ -4,11 +4,14 @@
     python -m ase_model.train --help
 """
 
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoints import rng_state, save_atomic, set_rng_state
-from .data import PascalContextMT
+from .checkpoints import read_checkpoint, read_latest, rng_state, save_atomic, set_rng_state, write_text_atomic
+from .data import DataError, PascalContextMT
+from .errors import UserError
 from .evaluate import evaluate, flatten, metrics_table
 from .losses import LOSS_WEIGHTS, multi_task_loss
 from .model import build_model, load_pretrained
-from .options import resolve_args
-from .synthetic import make_synthetic_pascal
+from .options import resolve_args, resume_changes
+from .rundir import RunDir
+from .synthetic_store import ensure_synthetic
 
 # ------------------------------------------------------------------------------------------------ distributed
 
@@ -63,96 +68,172 @@ def lr_lambda(args, total_steps: int):
     return f
 
 
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def missing_files(dataset: PascalContextMT, limit: int = 5) -> tuple[list[str], int]:
+    """The first `limit` files of the dataset's samples that do not exist, and how many are missing in all."""
+    missing = [path for i in range(len(dataset)) for path in dataset.files(i) if not os.path.exists(path)]
+    return missing[:limit], len(missing)
+
+
+class Stop(Exception):
+    """SIGTERM or SIGINT: the run saved last.pt and stops with status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, run: RunDir | None = None, state: dict | None = None, notes: list[str] = ()):
+        """Sets everything up and checks it (options, data files, weights, checkpoint) without writing to the run
+        directory: `fit` writes there from its first step on. state: the checkpoint a --resume continues;
+        notes: the schedule options it changes."""
+        self.args, self.run = args, run
         self.rank, self.world, self.device = setup_distributed()
         self.main = self.rank == 0
+        cuda = self.device.type == "cuda"
         if args.batch_size % self.world:
-            raise SystemExit(f"--batch-size {args.batch_size} must divide over {self.world} processes")
+            raise UserError(f"--batch-size {args.batch_size} must divide over {self.world} processes")
+        if args.workers is None:
+            args.workers = min(8, os.cpu_count() or 1) if cuda else 0
         seed_everything(args.seed)
         root = args.data
         if root is None:
+            size = args.synthetic_size
             if self.main:
-                make_synthetic_pascal(args.synthetic_dir, *args.synthetic_size[:2], size=args.synthetic_size[2],
-                                      seed=args.seed)
+                ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
             if self.world > 1:
                 dist.barrier()
-            root = args.synthetic_dir
-        self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
-        self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
+            root = ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
+        try:
+            self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
+            self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
+        except DataError as e:
+            raise UserError(f"--data {root}: {e}") from e
+        for dataset in ([self.val_set] if args.eval_only else [self.train_set, self.val_set]):
+            first, count = missing_files(dataset)
+            if count:
+                raise UserError(f"--data {root}: {count} files of the {dataset.split} split are missing, e.g. "
+                                f"{', '.join(first)}")
         self.model = build_model(args).to(self.device)
-        if args.pretrained:
-            load_pretrained(self.model, args.pretrained)
-            self.log(f"loaded pretrained ViT weights from {args.pretrained}")
-        elif not args.eval_only:
-            self.log("WARNING: no --pretrained weights given: the frozen ViT starts from RANDOM weights. "
-                     "Multi-task results are only meaningful from a pretrained backbone.")
+        self.load_backbone()
         self.net = self.model
         if self.world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.index
                                                is not None else None)
+        if args.compile or args.cuda_graphs:  # compiled around DDP, so that its optimizer splits at the buckets
+            mode = None
+            if args.cuda_graphs and not cuda:
+                self.log("--cuda-graphs: no CUDA device, so no CUDA graphs" + (": the model is compiled without"
+                                                                               if args.compile else ""))
+            elif args.cuda_graphs:
+                mode = "reduce-overhead"
+            if args.compile or mode:
+                self.net = torch.compile(self.net, mode=mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
         self.per_rank = args.batch_size // self.world
         self.steps_per_epoch = len(self.train_set) // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(self.train_set)} train images")
+        if self.steps_per_epoch == 0 and not args.eval_only:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(self.train_set)} train images")
         self.total_steps = self.steps_per_epoch * args.epochs
         # --max-steps stops the loop early but does not change the schedule: a run stopped there and resumed
         # is the run that never stopped
         self.stop_at = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args, self.total_steps))
-        self.amp = args.amp == "bf16" or (args.amp == "auto" and self.device.type == "cuda")
+        self.amp = args.amp == "bf16" or (args.amp == "auto" and cuda)
         self.step, self.epoch, self.step_in_epoch, self.best = 0, 0, 0, -math.inf
         self.history: list[dict] = []
         self.epoch_sums: dict[str, float] = {}  # running loss sums of the current epoch, checkpointed with it
+        self.pending: list[torch.Tensor] = []  # per-step losses still on the device (read every --log-every)
+        self.stat_names: list[str] | None = None
+        self.signal: int | None = None  # the signal this process received
+        self.agreed_signal: int | None = None  # ... and the one every rank agreed on (torchrun)
         self.writer = None
-        if self.main:
-            os.makedirs(args.output, exist_ok=True)
-            # an evaluation may share its training run's directory: it must not overwrite that run's config
-            name = "eval_config.yaml" if args.eval_only else "config.yaml"
-            with open(os.path.join(args.output, name), "w") as f:
-                yaml.safe_dump(vars(args), f, sort_keys=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(args.output, "tb"))
-            except ImportError:
-                self.log("tensorboard is not installed: metrics go to metrics.jsonl only")
+        self.saved = None  # (step, epoch) of the last last.pt written
+        if state is not None:
+            self.load(state)
+            self.log(f"resuming at step {self.step} (epoch {self.epoch})")
+            if notes:
+                self.apply_schedule()
+                self.log("--resume applies the changed options " + ", ".join(notes))
 
     def log(self, msg: str) -> None:
         if self.main:
             tqdm.write(msg, file=sys.stderr)
 
+    def load_backbone(self) -> None:
+        """--pretrained, checked against the sha256 the run was trained with (--resume, --eval-only)."""
+        args = self.args
+        if not args.pretrained:
+            if not args.eval_only and self.main:
+                self.log("WARNING: no --pretrained weights given: the frozen ViT starts from RANDOM weights. "
+                         "Multi-task results are only meaningful from a pretrained backbone.")
+            return
+        recorded = " (the weights this run was trained with; pass --pretrained PATH where they are now)"
+        if not os.path.isfile(args.pretrained):
+            raise UserError(f"--pretrained {args.pretrained}: no such file" + (recorded if args.pretrained_sha256
+                                                                                else ""))
+        digest = sha256_file(args.pretrained)
+        if args.pretrained_sha256 and digest != args.pretrained_sha256:
+            raise UserError(f"--pretrained {args.pretrained}: its sha256 is {digest[:16]}..., not the "
+                            f"{args.pretrained_sha256[:16]}... of the weights this run was trained with")
+        args.pretrained_sha256 = digest
+        try:
+            load_pretrained(self.model, args.pretrained)
+        except Exception as e:  # a foreign file fails in many ways (KeyError, UnpicklingError, ValueError, ...)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"--pretrained {args.pretrained}: not ViT weights this model can load "
+                            f"({type(e).__name__}: {first})") from e
+        self.log(f"loaded pretrained ViT weights from {args.pretrained}")
+
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def checkpoint(self, name: str) -> None:
-        if not self.main:
-            return
+        self.flush()  # the losses of every step so far are read and finite before anything is saved
+        if not self.main or (name == "last.pt" and self.saved == (self.step, self.epoch)):
+            return  # (saved already: last.prev.pt stays the checkpoint before it)
+        if name == "last.pt":
+            self.saved = (self.step, self.epoch)
         state = dict(model=self.model.trainable_state_dict(), optimizer=self.optimizer.state_dict(),
                      scheduler=self.scheduler.state_dict(), step=self.step, epoch=self.epoch,
                      step_in_epoch=self.step_in_epoch, epoch_sums=self.epoch_sums, best=self.best,
                      history=self.history, rng=rng_state(),
                      args=vars(self.args))
-        save_atomic(state, os.path.join(self.args.output, name))
+        save_atomic(state, os.path.join(self.args.output, name), keep_previous=name == "last.pt")
 
-    def load(self, path: str, training: bool = True) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def load(self, state: dict, training: bool = True, path: str = "the checkpoint") -> None:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if unexpected or trainable - set(state["model"]):
-            raise SystemExit(f"{path} does not fit this model: unexpected {unexpected[:5]}, "
-                             f"missing {sorted(trainable - set(state['model']))[:5]}")
+            raise UserError(f"{path} does not fit this model: unexpected {unexpected[:5]}, "
+                            f"missing {sorted(trainable - set(state['model']))[:5]}")
         if training:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
             self.best, self.history, self.epoch_sums = state["best"], state["history"], state["epoch_sums"]
             set_rng_state(state["rng"])
+
+    def apply_schedule(self) -> None:
+        """A resumed run with a changed --lr, --weight-decay, --epochs, --warmup-steps or --schedule: the optimizer
+        and scheduler states loaded from the checkpoint take the new values from this step on."""
+        scheduler, args = self.scheduler, self.args
+        scheduler.base_lrs = [args.lr for _ in self.optimizer.param_groups]
+        for group, f in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["weight_decay"] = args.lr, args.weight_decay
+            group["lr"] = args.lr * f(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -165,9 +246,12 @@ class Trainer:
         sampler.set_epoch(epoch)
         indices = list(sampler)
         batches = [indices[i * self.per_rank:(i + 1) * self.per_rank] for i in range(self.steps_per_epoch)]
-        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.args.workers)
+        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.args.workers,
+                          pin_memory=self.device.type == "cuda")
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step. Returns the step's numbers on the device, float64 (loss, mi, the task losses, the
+        gradient norm): nothing here waits for the device; `flush` reads them."""
         images = batch["image"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.net(images)
@@ -176,103 +260,170 @@ class Trainer:
                                       {t: LOSS_WEIGHTS[t] for t in self.model.tasks})
         mi = self.model.mi_loss() if self.args.mi_weight else loss.new_zeros(())
         total = loss + self.args.mi_weight * mi
-        # the global batch's numbers: every rank logs them, and a NaN on any rank stops every rank at once
-        stats = self.mean_over_ranks({"loss": total.item(), "mi": mi.item(), **{t: v.item() for t, v in parts.items()}})
-        value = stats["loss"]
-        if not math.isfinite(value):
-            # nothing is saved: last.pt stays the last good state
-            raise FloatingPointError(
-                f"non-finite loss ({value}) at step {self.step} (epoch {self.epoch}); task losses "
-                f"{ {t: stats[t] for t in parts} }. The last good checkpoint is "
-                f"{os.path.join(self.args.output, 'last.pt')}; lower --lr or raise --warmup-steps and --resume.")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        norm = total.new_zeros(())
         if self.args.clip_grad:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad)
-            if not torch.isfinite(norm):
-                # a finite loss with a non-finite gradient (bf16 overflow): stop before the step spoils the weights
-                raise FloatingPointError(
-                    f"non-finite gradient norm at step {self.step} (epoch {self.epoch}), loss {value}. The last good "
-                    f"checkpoint is {os.path.join(self.args.output, 'last.pt')}; lower --lr or try --amp off.")
         self.optimizer.step()
         self.scheduler.step()
-        return stats
+        if self.stat_names is None:
+            self.stat_names = ["loss", "mi", *parts]
+        return torch.stack([total.detach(), mi.detach(), *(v.detach() for v in parts.values()), norm]).double()
+
+    def flush(self, bar=None) -> None:
+        """Read the losses of the steps since the last flush (one transfer), averaged over the ranks; a non-finite
+        loss or gradient stops the run before anything is saved (last.pt stays the last good state). Also where
+        the ranks agree to stop on a signal."""
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending)
+        self.pending = []
+        if self.world > 1:
+            flag = rows.new_zeros(rows.shape[0], 1)
+            flag[-1, 0] = float(self.signal or 0)
+            rows = torch.cat([rows, flag], 1)
+            dist.all_reduce(rows)
+            rows = rows / self.world
+            stop = rows[-1, -1].item()
+            rows = rows[:, :-1]
+            if stop:
+                self.agreed_signal = self.signal or signal.SIGTERM
+        first = self.step - rows.shape[0] + 1
+        for i, row in enumerate(rows.tolist()):
+            *values, norm = row
+            stats = dict(zip(self.stat_names, values, strict=True))
+            last = os.path.join(self.args.output, "last.pt")
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss ({stats['loss']}) at step {first + i} (epoch {self.epoch}); task losses "
+                    f"{ {t: v for t, v in stats.items() if t not in ('loss', 'mi')} }. The last good checkpoint is "
+                    f"{last}; lower --lr or raise --warmup-steps and --resume.")
+            if not math.isfinite(norm):
+                # a finite loss with a non-finite gradient (bf16 overflow)
+                raise FloatingPointError(
+                    f"non-finite gradient norm at step {first + i} (epoch {self.epoch}), loss {stats['loss']}. The "
+                    f"last good checkpoint is {last}; lower --lr or try --amp off.")
+            for k, v in stats.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+            if self.writer:
+                self.writer.add_scalar("train/loss", stats["loss"], first + i)
+        if bar is not None:
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+
+    # ------------------------------------------------------------------------------------------------ signals
+
+    def on_signal(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (last.pt is the last periodic checkpoint)
+        self.signal = signum
+        self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving last.pt")
+
+    def stop_if_signalled(self) -> None:
+        """After a step: stop if a signal came (under torchrun, once the ranks agreed on it in `flush`)."""
+        signum = self.signal if self.world == 1 else self.agreed_signal
+        if signum is not None:
+            self.checkpoint("last.pt")
+            raise Stop(signum)
+
+    # ---------------------------------------------------------------------------------------------- the run
+
+    def start(self) -> None:
+        """The run is set up and checked: from here on it writes to its directory."""
+        if not self.main:
+            return
+        args = self.args
+        if args.overwrite:
+            self.run.clear()
+        write_text_atomic(os.path.join(args.output, "config.yaml"), yaml.safe_dump(vars(args), sort_keys=True))
+        # the log is the checkpoint's history: a record written after the checkpoint it resumes from is not kept
+        write_text_atomic(os.path.join(args.output, "metrics.jsonl"),
+                          "".join(json.dumps(r) + "\n" for r in self.history))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(args.output, "tb"))
+        except ImportError:
+            self.log("tensorboard is not installed: metrics go to metrics.jsonl only")
 
     def fit(self) -> dict:
+        self.start()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self.loop()
+        except DataError:
+            # a file that cannot be read (between steps, or in the evaluation after an epoch's steps): keep the
+            # work done so far; a resumed run starts with the batch or evaluation that failed. Under torchrun only
+            # this rank failed, and the others wait in another collective: last.pt stays the last periodic one.
+            if self.world == 1:
+                self.checkpoint("last.pt")
+            raise
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def loop(self) -> dict:
         args = self.args
-        if args.resume:
-            path = os.path.join(args.output, "last.pt")
-            if os.path.exists(path):
-                self.load(path)
-                self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
-            else:
-                self.log(f"--resume: no {path} yet, starting fresh")
         results = {}
-        log = os.path.join(args.output, "metrics.jsonl")
-        if self.main and self.step == 0 and os.path.exists(log):
-            os.remove(log)  # a fresh run in an old directory: its log starts over, as its checkpoints do
         while self.epoch < args.epochs and self.step < self.stop_at:
             self.model.train()
-            sums, count, t0 = self.epoch_sums, 0, time.perf_counter()
+            count, t0 = 0, time.perf_counter()
             loader = self.batches(self.epoch, self.step_in_epoch)
             bar = tqdm(loader, total=len(loader), disable=not self.main, desc=f"epoch {self.epoch}", leave=False)
             for batch in bar:
-                stats = self.train_step(batch)
+                self.pending.append(self.train_step(batch))
                 self.step += 1
                 self.step_in_epoch += 1
                 count += 1
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                ips = count * args.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{ips:.1f}")
-                if self.writer:
-                    self.writer.add_scalar("train/loss", stats["loss"], self.step)
+                if self.step % args.log_every == 0:
+                    self.flush(bar)
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
                     self.checkpoint("last.pt")
+                self.stop_if_signalled()
                 if self.step >= self.stop_at:
                     break
+            self.flush(bar)
+            self.stop_if_signalled()
             if self.step_in_epoch < self.steps_per_epoch:
                 # --max-steps stopped the run inside an epoch: the epoch's record waits for the resumed run
                 self.checkpoint("last.pt")
                 break
             record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                       "images_per_s": count * args.batch_size / max(time.perf_counter() - t0, 1e-9),
-                      **{f"train/{k}": v / self.steps_per_epoch for k, v in sums.items()}}
+                      **{f"train/{k}": v / self.steps_per_epoch for k, v in self.epoch_sums.items()}}
+            better = False
+            if (self.epoch + 1) % args.eval_every == 0 or self.epoch + 1 >= args.epochs:
+                done, every = self.epoch + 1, args.edge_eval_every
+                results = self.evaluate(edge_ods=done >= args.epochs or (every > 0 and done % every == 0))
+                record.update(flatten(results))
+                score = results.get("delta_m", {}).get("value", -math.inf)
+                better = math.isfinite(score) and score > self.best
+                self.best = max(self.best, score) if better else self.best
+            self.history.append(record)
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_sums = {}
-            if self.epoch % args.eval_every == 0 or self.epoch >= args.epochs:
-                results = self.evaluate(final=self.epoch >= args.epochs)
-                record.update(flatten(results))
-                score = results.get("delta_m", {}).get("value", -math.inf)
-                if math.isfinite(score) and score > self.best:
-                    self.best = score
-                    self.checkpoint("best.pt")
-            self.history.append(record)
+            if better:
+                self.checkpoint("best.pt")
             self.log_record(record)
             self.checkpoint("last.pt")
+            self.stop_if_signalled()
         if not results:
             results = self.evaluate()
         if self.main and not args.no_plots:
             from .plots import save_plots
 
-            save_plots(self.history, args.output, self.model.tasks)
+            shared = args.num_shared if args.num_experts else 0
+            save_plots(self.history, args.output, self.model.tasks, num_shared=shared)
         return results
 
-    def mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        """Each rank's loss is the mean over its share of the global batch: their mean is the global batch's."""
-        if self.world == 1 or not sums:
-            return sums
-        keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        return {k: v / self.world for k, v in zip(keys, values.tolist(), strict=True)}
-
-    def evaluate(self, final: bool = True) -> dict:
-        every = self.args.edge_eval_every
+    def evaluate(self, edge_ods: bool = True) -> dict:
+        """The validation metrics; the edge odsF (slow: boundary matching) where edge_ods, else the edge BCE."""
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
                         workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main,
-                        edge_ods=final or (every > 0 and self.epoch % every == 0), eval_workers=self.args.eval_workers,
+                        edge_ods=edge_ods, eval_workers=self.args.eval_workers,
                         edge_thresholds=self.args.edge_thresholds)
 
     def log_record(self, record: dict) -> None:
@@ -290,25 +441,74 @@ class Trainer:
             f"{k[6:]} {record[k]:.4f}" for k in keys) + f", {record['images_per_s']:.1f} img/s")
 
 
-def main(argv=None) -> dict:
-    args = resolve_args(argv)
+def say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr)
+
+
+def evaluate_only(args) -> dict:
+    state = read_checkpoint(args.eval_only)
     trainer = Trainer(args)
-    try:
-        if args.eval_only:
-            trainer.load(args.eval_only, training=False)
-            results = trainer.evaluate()
-            if trainer.main:
-                with open(os.path.join(args.output, "eval_metrics.json"), "w") as f:
-                    json.dump({"checkpoint": args.eval_only, **results}, f, indent=1)
-        else:
-            results = trainer.fit()
-    except FloatingPointError as e:
-        trainer.log(f"stopping: {e}")
-        raise SystemExit(2) from e
-    finally:
-        if trainer.writer:
-            trainer.writer.close()
+    trainer.load(state, training=False, path=args.eval_only)
+    results = trainer.evaluate()
     if trainer.main:
+        os.makedirs(args.output, exist_ok=True)
+        # an evaluation may share its training run's directory: it writes eval_* files only
+        write_text_atomic(os.path.join(args.output, "eval_config.yaml"), yaml.safe_dump(vars(args), sort_keys=True))
+        write_text_atomic(os.path.join(args.output, "eval_metrics.json"),
+                          json.dumps({"checkpoint": args.eval_only, **results}, indent=1))
+    return results
+
+
+def train(argv, args) -> dict:
+    run = RunDir(args.output)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.lock()
+    try:
+        path = run.checkpoint(args.resume, args.overwrite)
+        state, notes = None, []
+        if path is not None:
+            path, state = read_latest(path, say)
+            args = resolve_args(argv, resumed=state["args"])
+            notes = resume_changes(args, state["args"])
+        trainer = Trainer(args, run, state, notes)
+        try:
+            return trainer.fit()
+        except Stop as stop:
+            trainer.log(f"stopped by {stop}: last.pt holds step {trainer.step}; continue with --resume")
+            raise SystemExit(128 + stop.signum) from None
+        except DataError as e:
+            message = str(e).strip().splitlines()[-1]  # a worker's error comes with its traceback as text
+            saved = f"step {trainer.step}" if trainer.world == 1 else "the last periodic checkpoint"
+            trainer.log(f"stopping: {message}. last.pt holds {saved}: fix or replace the file, check the data with "
+                        "python -m ase_model.check_data, and --resume")
+            if trainer.world > 1:
+                print(f"rank {trainer.rank}: stopping: {message}", file=sys.stderr, flush=True)  # maybe not rank 0
+                os._exit(2)  # the other ranks wait in a collective that will not come
+            raise SystemExit(2) from None
+        except FloatingPointError as e:
+            trainer.log(f"stopping: {e}")
+            raise SystemExit(2) from e
+        finally:
+            if trainer.writer:
+                trainer.writer.close()
+    finally:
+        run.release()
+
+
+def main(argv=None) -> dict:
+    """The command line; exit status 2 for a user error, 128 + N after signal N (SIGTERM 143, SIGINT 130) once
+    last.pt is saved."""
+    try:
+        args = resolve_args(argv)
+        results = evaluate_only(args) if args.eval_only else train(argv, args)
+    except UserError as e:
+        say(f"python -m ase_model.train: error: {e}")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        say("interrupted")
+        raise SystemExit(130) from None
+    if int(os.environ.get("RANK", "0")) == 0:
         print(metrics_table(results, args.reference))
     if dist.is_initialized():
         dist.destroy_process_group()

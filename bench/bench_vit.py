@@ -6,6 +6,11 @@ proj, a task embedding, all tasks as one task-major batch, one light head per ta
 - ``reference``: the same model on ``ASE_KERNELS_BACKEND=reference`` (the per-expert-loop reference);
 - ``plain``: plain MTL-ViT, timm's ``Mlp`` (no experts).
 
+Each runs eager; ``ase`` and ``plain`` also ``compiled`` (``torch.compile`` of the model, as ``--compile`` in
+``ase_model.train``) and, on a GPU, ``graphed`` (``mode="reduce-overhead"``: the fixed-shape forward and backward
+replayed as CUDA graphs, as ``--cuda-graphs``). On a CPU the compiled step runs at the smallest batch only (compiling
+takes a minute there) and the graphed one is not listed (CUDA graphs need a GPU).
+
 Images/s counts input images (each runs through the backbone once per task), against the images per task.
 """
 
@@ -151,14 +156,20 @@ def plain_flops(images: int) -> float:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("images", ENV.vit_images, ids=lambda i: f"{i}img")
-@pytest.mark.parametrize("impl", IMPLS)
-def bench_vit_train_step(benchmark, impl, images, monkeypatch):
+MODES = {"eager": None, "compiled": "default", "graphed": "reduce-overhead"}  # torch.compile mode of each
+CASES = [(impl, "eager", images) for impl in IMPLS for images in ENV.vit_images]
+CASES += [(impl, mode, images) for impl in ("ase", "plain") for mode in ("compiled", "graphed")
+          for images in (ENV.vit_images if GPU else ENV.vit_images[:1]) if GPU or (impl, mode) == ("ase", "compiled")]
+
+
+@pytest.mark.parametrize("impl, mode, images", CASES, ids=lambda v: f"{v}img" if isinstance(v, int) else v)
+def bench_vit_train_step(benchmark, impl, mode, images, monkeypatch):
     if impl == "reference":
         monkeypatch.setenv("ASE_KERNELS_BACKEND", "reference")
     model = make_model(impl)
+    net = model if mode == "eager" else torch.compile(model, mode=MODES[mode])
     err = None
-    if impl == "ase":  # the same model and input on the reference backend
+    if impl == "ase" and mode == "eager":  # the same model and input on the reference backend
         x = make_batch(1)["image"]
         with torch.no_grad():
             got = forward(model, x)
@@ -166,11 +177,17 @@ def bench_vit_train_step(benchmark, impl, images, monkeypatch):
                 m.setenv("ASE_KERNELS_BACKEND", "reference")
                 want = forward(model, x)
         err = max(check_close(f"vit {t}", got[t].float(), want[t].float(), VIT_TOLERANCE) for t in TASKS)
+    elif mode != "eager":  # the compiled or graphed model against the eager one, on the step's own batch
+        x = make_batch(images)["image"]
+        got = {t: v.detach().clone() for t, v in forward(net, x).items()}
+        want = forward(model, x)
+        err = max(check_close(f"vit {mode} {t}", got[t].float(), want[t].detach().float(), VIT_TOLERANCE)
+                  for t in TASKS)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=GPU)
 
     def step(batch):
-        loss = task_losses(forward(model, batch["image"]), batch)
+        loss = task_losses(forward(net, batch["image"]), batch)
         if impl != "plain":
             loss = loss + MI_WEIGHT * model.mi_loss()
         opt.zero_grad(set_to_none=True)
@@ -178,7 +195,8 @@ def bench_vit_train_step(benchmark, impl, images, monkeypatch):
         opt.step()
 
     try:
-        ms = run_timed(benchmark, step, lambda: (make_batch(images),), rounds=ENV.vit_rounds, warmup=2)
+        ms = run_timed(benchmark, step, lambda: (make_batch(images),), rounds=ENV.vit_rounds,
+                       warmup=2 if mode == "eager" else 3)  # a CUDA graph is recorded on the third call
         mem = memory_mb(step, (make_batch(images),), exclude=[*model.parameters()])
     except torch.OutOfMemoryError:
         ms = None  # skipped below, once the exception (and the frames it holds) is gone
@@ -186,10 +204,11 @@ def bench_vit_train_step(benchmark, impl, images, monkeypatch):
         del model, opt, params, step
         gc.collect()
         torch.cuda.empty_cache()
-        pytest.skip(f"{impl} at {images} images per task does not fit in GPU memory")
+        pytest.skip(f"{impl} {mode} at {images} images per task does not fit in GPU memory")
     flops = plain_flops(images) + (0 if impl == "plain" else expert_flops(images))
     benchmark.extra_info.update(
-        impl=impl, images=images, tasks=len(TASKS), batch=images * len(TASKS), ms=ms, images_per_s=images / ms * 1e3,
+        impl=impl, mode=mode, images=images, tasks=len(TASKS), batch=images * len(TASKS), ms=ms,
+        images_per_s=images / ms * 1e3,
         gflop=flops / 1e9, tflops=flops / (ms * 1e-3) / 1e12, memory_mb=mem, memory_kind="peak" if GPU else "saved",
         rel_err=err, trainable_params=sum(p.numel() for p in params), experts=None if impl == "plain" else EXPERTS,
         vit=ENV.vit, dtype="bf16 autocast" if GPU else "float32", device=ENV.device.type)

@@ -22,17 +22,35 @@ COLORS = dict(zip(IMPLS, ("C7", "C1", "C3", "C0", "C4", "C2"), strict=True)) | {
 NAN = math.nan
 
 
+class ReportError(Exception):
+    """A JSON file that is missing, empty, not pytest-benchmark's, or holds no measurement; the message names it."""
+
+
 def load(paths: list[str]):
     """All benchmark rows of the files (extra_info plus the test name), the first file's machine info and date."""
     rows, machine, when = [], {}, ""
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ReportError(f"{path}: no such file (write it with pytest bench/ --benchmark-json={path})") from None
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{path}: empty or not JSON ({e}); did the benchmark run finish?") from None
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise ReportError(f"{path}: not pytest-benchmark JSON (no 'benchmarks' list)")
         machine, when = machine or data.get("machine_info", {}), when or data.get("datetime", "")
         for b in data["benchmarks"]:
             if "ms" in b.get("extra_info", {}):
                 rows.append(dict(b["extra_info"], test=b["name"].split("[")[0]))
+    if not rows:
+        raise ReportError(f"{', '.join(paths)}: no benchmark measured anything (all skipped or failed?)")
     return rows, machine, when
+
+
+def impl_label(impl: str, gpu: bool) -> str:
+    """On a CPU, ak's ops dispatch to their vectorised PyTorch path, not to the Triton kernels: say so."""
+    return "ase (torch fallback, CPU)" if impl == "ase" and not gpu else impl
 
 
 def _config_key(config: str):
@@ -116,7 +134,7 @@ def targets_table(rows) -> str:
     return "\n".join(lines)
 
 
-def ffn_tables(ffn: FFN) -> str:
+def ffn_tables(ffn: FFN, gpu: bool = True) -> str:
     memory_kind = next((r.get("memory_kind") for r in ffn.cells.values()), "peak")
     what = {"ms": "median ms (ratio to the bare frozen Mlp)", "tflops": "TFLOP/s of useful work",
             "memory_mb": f"{'peak' if memory_kind == 'peak' else 'saved-activation'} memory MiB (ratio to bare)"}
@@ -125,7 +143,8 @@ def ffn_tables(ffn: FFN) -> str:
         for key, title in what.items():
             if all(r.get(key) is None for (_, _, _, p), r in ffn.cells.items() if p == pass_):
                 continue  # e.g. saved-activation memory of a CPU forward without grad: there is none
-            lines += [f"\n### FFN {pass_}: {title}\n", "| config | placement | " + " | ".join(IMPLS) + " |",
+            lines += [f"\n### FFN {pass_}: {title}\n",
+                      "| config | placement | " + " | ".join(impl_label(i, gpu) for i in IMPLS) + " |",
                       "|---|---|" + "---|" * len(IMPLS)]
             for config in ffn.configs:
                 for placement in PLACEMENTS:
@@ -141,14 +160,15 @@ def ffn_tables(ffn: FFN) -> str:
     return "\n".join(lines)
 
 
-def scaling_table(rows, test: str, impls, title: str) -> str:
+def scaling_table(rows, test: str, impls, title: str, gpu: bool = True) -> str:
     by = defaultdict(dict)
     for r in rows:
         if r["test"] == test:
             by[(r["images"], r["tokens"])][r["impl"]] = r["ms"]
     if not by:
         return ""
-    lines = [f"\n### {title}\n", "| images | tokens | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+    lines = [f"\n### {title}\n", "| images | tokens | " + " | ".join(impl_label(i, gpu) for i in impls) + " |",
+             "|---|---|" + "---|" * len(impls)]
     for (images, tokens), v in sorted(by.items()):
         lines.append(f"| {images} | {tokens} | " + " | ".join(_fmt(v.get(i)) for i in impls) + " |")
     return "\n".join(lines)
@@ -170,16 +190,19 @@ def route_table(rows) -> str:
     return "\n".join(lines)
 
 
-def vit_table(rows) -> str:
+def vit_table(rows, gpu: bool = True) -> str:
     vit = [r for r in rows if r["test"] == "bench_vit_train_step"]
     if not vit:
         return ""
-    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain"}
+    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain" and r.get("mode", "eager") == "eager"}
+    modes = ("eager", "compiled", "graphed")
     lines = ["\n### 5-task ViT training step (images per task; the backbone batch is 5x that)\n",
-             "| images/task | implementation | images/s | ms/step | x plain | TFLOP/s | memory MiB |",
+             "| images/task | implementation, mode | images/s | ms/step | x plain eager | TFLOP/s | memory MiB |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(vit, key=lambda r: (r["images"], ("plain", "ase", "reference").index(r["impl"]))):
-        lines.append(f"| {r['images']} | {r['impl']} | {r['images_per_s']:.1f} | {r['ms']:.1f} | "
+    for r in sorted(vit, key=lambda r: (r["images"], ("plain", "ase", "reference").index(r["impl"]),
+                                        modes.index(r.get("mode", "eager")))):
+        label = impl_label(r["impl"], gpu) + ("" if r.get("mode", "eager") == "eager" else f", {r['mode']}")
+        lines.append(f"| {r['images']} | {label} | {r['images_per_s']:.1f} | {r['ms']:.1f} | "
                      f"{_fmt(_ratio(r['ms'], plain.get(r['images'])), '.2f')} | {_fmt(r.get('tflops'), '.2f')} | "
                      f"{_fmt(r.get('memory_mb'), '.0f')} |")
     return "\n".join(lines)
@@ -237,10 +260,12 @@ def plot(rows, ffn: FFN, path: str) -> None:
     curves(axes[1, 2], "bench_route_scaling", ("ase", "torch"), "routing fwd+bwd against tokens: ms")
     ax = axes[1, 3]
     for impl in ("plain", "ase", "reference"):
-        pts = sorted((r["images"], r["images_per_s"]) for r in rows
-                     if r["test"] == "bench_vit_train_step" and r["impl"] == impl)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=impl, color=COLORS[impl])
+        for mode, style in (("eager", "-"), ("compiled", "--"), ("graphed", ":")):
+            pts = sorted((r["images"], r["images_per_s"]) for r in rows if r["test"] == "bench_vit_train_step"
+                         and r["impl"] == impl and r.get("mode", "eager") == mode)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, marker="o", color=COLORS[impl],
+                        label=impl if mode == "eager" else f"{impl} {mode}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("images per task")
     ax.set_title("5-task ViT training step: images/s")
@@ -256,14 +281,19 @@ def main(argv=None) -> str:
     p.add_argument("--md", default=None, help="also write the Markdown here (it is printed in any case)")
     p.add_argument("--png", default=None, help="write the plot here")
     args = p.parse_args(argv)
-    rows, machine, when = load(args.json)
+    try:
+        rows, machine, when = load(args.json)
+    except ReportError as e:
+        p.error(str(e))
+    gpu = "gpu" in machine
     ffn = FFN(rows)
-    parts = [header(machine, when), targets_table(targets(ffn)), ffn_tables(ffn),
-             scaling_table(rows, "bench_ffn_scaling", IMPLS, "FFN fwd+bwd at 32/6/2/2-ffn against tokens: median ms"),
+    parts = [header(machine, when), targets_table(targets(ffn)), ffn_tables(ffn, gpu),
+             scaling_table(rows, "bench_ffn_scaling", IMPLS, "FFN fwd+bwd at 32/6/2/2-ffn against tokens: median ms",
+                           gpu),
              route_table(rows),
              scaling_table(rows, "bench_route_scaling", ("ase", "torch"), "Routing fwd+bwd at 32/6/2/2 against "
-                           "tokens: median ms (ase = ak.route)"),
-             vit_table(rows)]
+                           "tokens: median ms (ase = ak.route)", gpu),
+             vit_table(rows, gpu)]
     text = "\n".join(part for part in parts if part)
     if args.md:
         with open(args.md, "w") as f:

@@ -1,9 +1,12 @@
 """The benchmark suite (bench/) runs and checks its candidates, and bench/report.py turns its JSON into the
 tables, the target verdicts and a plot. On a CPU this is a check that it works, not a measurement."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,3 +28,41 @@ def test_benchmark_suite_and_report(tmp_path):
     text = report.main([str(out), "--png", str(png)])
     assert "### Targets" in text and "| 32/6/2/2 | ffn |" in text and "5-task ViT training step" in text
     assert png.stat().st_size > 10_000
+
+
+def _report():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    return report
+
+
+def test_report_names_a_missing_or_empty_json(tmp_path, capsys):
+    report = _report()
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"benchmarks": []}')
+    for path, expected in [(tmp_path / "absent.json", "no such file"), (empty, "empty or not JSON"),
+                           (foreign, "no benchmark measured anything")]:
+        with pytest.raises(SystemExit) as stop:
+            report.main([str(path)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{path}" in err and expected in err and "Traceback" not in err
+
+
+def test_report_labels_the_cpu_ase_column_as_the_torch_fallback(tmp_path):
+    report = _report()
+    cell = dict(config="32/6/2/2", placement="ffn", pass_="fwd+bwd", ms=1.0)
+    rows = [{"name": f"bench_ffn[{impl}]", "extra_info": dict(cell, impl=impl)} for impl in report.IMPLS]
+    data = {"machine_info": {"cpu": {"brand_raw": "some CPU"}}, "benchmarks": rows}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    assert "| ase (torch fallback, CPU) |" in report.main([str(path)])
+    data["machine_info"] = {"gpu": "NVIDIA H100"}
+    path.write_text(json.dumps(data))
+    text = report.main([str(path)])
+    assert "| ase |" in text and "fallback" not in text

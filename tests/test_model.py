@@ -30,8 +30,8 @@ def test_all_tasks_run_as_one_backbone_batch():
     model.vit.blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     model(torch.randn(2, 3, 32, 32))
     assert calls == [torch.Size([len(TASKS) * 2, 1 + 16, 48])], "one pass over tasks * B images"
-    ids = model.vit.blocks[0].mlp._last.task_ids
-    assert ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], "task-major ids, one per image"
+    ids = model.vit.blocks[0].mlp._last.task_ids.view(len(TASKS) * 2, -1)  # one per token, the same per image
+    assert (ids == ids[:, :1]).all() and ids[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], "task-major ids"
 
 
 def test_only_adapters_routers_embeddings_and_heads_train():
