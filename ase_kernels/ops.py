@@ -54,11 +54,11 @@ def _impl(x: torch.Tensor) -> types.ModuleType | types.SimpleNamespace:
 def _triton_ops() -> types.SimpleNamespace:
     # The kernels are defined on first use: @triton.jit reads TRITON_INTERPRET when a kernel is defined, and a test
     # session sets it at collection time, after this module was imported.
-    from .kernels import lowrank, routing
+    from .kernels import ffn, lowrank, routing
 
     return types.SimpleNamespace(route_fwd=routing.route_fwd, route_bwd=routing.route_bwd,
                                  moe_lora_fwd=lowrank.moe_lora_fwd, moe_lora_bwd=lowrank.moe_lora_bwd,
-                                 moe_lora_ffn_fwd=lowrank.moe_lora_ffn_fwd, moe_lora_ffn_bwd=lowrank.moe_lora_ffn_bwd)
+                                 moe_lora_ffn_fwd=ffn.moe_lora_ffn_fwd, moe_lora_ffn_bwd=ffn.moe_lora_ffn_bwd)
 
 
 def _no_autocast(x: torch.Tensor):

@@ -35,7 +35,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ase_kernels import ASEMlp
-from ase_kernels.kernels.lowrank import FFN_PATHS
+from ase_kernels.kernels.ffn import FFN_PATHS
 from ase_kernels.modules import PLACEMENTS
 from bench.kernel_inspect import cubin, hooks, roofline, tables, torch_side
 

@@ -77,3 +77,16 @@ def config_modes() -> list:
 def leaf(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh leaf copy of t in dtype on device, requiring grad."""
     return t.detach().to(device=device, dtype=dtype).clone().requires_grad_()
+
+
+# what the Triton interpreter can multiply (bf16 runs on a GPU only: tests/test_gpu.py)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def routing_for(tokens: int, n: int, k: int, s: int, tasks: int = 2, d: int = 8):
+    """A reference routing (float64 gates) of random tokens."""
+    from ase_kernels import reference
+
+    ids = torch.randint(0, tasks, (tokens,))
+    return reference.route(torch.randn(tokens, d, dtype=torch.float64), torch.randn(tasks, n, d, dtype=torch.float64),
+                           ids, top_k=k, num_shared=s)

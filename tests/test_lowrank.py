@@ -4,21 +4,12 @@ forward and the gradients of x, lora_A, lora_B, gates and base_input, with and w
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import CONFIGS, assert_close, leaf
+from helpers import CONFIGS, DTYPES, assert_close, leaf, routing_for
 
 import ase_kernels as ak
 from ase_kernels import reference
 from ase_kernels.checks import Routing
 from ase_kernels.kernels.common import next_block
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-
-
-def routing_for(tokens, n, k, s, tasks=2, d=8):
-    """A reference routing (float64 gates) of random tokens."""
-    ids = torch.randint(0, tasks, (tokens,))
-    return reference.route(torch.randn(tokens, d, dtype=torch.float64), torch.randn(tasks, n, d, dtype=torch.float64),
-                           ids, top_k=k, num_shared=s)
 
 
 def check_moe_lora(x, a, b, routing, scale, dtype, base=None, base_is_x=False):
@@ -108,85 +99,3 @@ def test_moe_lora_large_rank_columns(backend):
 
 def test_next_block_keeps_tiles_at_least_16():
     assert [next_block(n) for n in (1, 2, 16, 17, 64, 65)] == [16, 16, 16, 32, 64, 128]
-
-
-def check_moe_lora_ffn(tokens, d, hidden, d_out, config, dtype, train_fc=False):
-    """moe_lora_ffn (fc1 + GELU + fc2 + experts on the FFN input) against the reference, forward and gradients."""
-    n, k, s, r = config
-    routing = routing_for(tokens, n, k, s)
-    x, a, b = torch.randn(tokens, d), torch.randn(n, r, d) * 0.3, torch.randn(n, d_out, r) * 0.3
-    fc = [torch.randn(hidden, d) * d**-0.5, torch.randn(hidden), torch.randn(d_out, hidden) * hidden**-0.5,
-          torch.randn(d_out)]
-    t = [leaf(v, dtype, DEVICE) for v in (x, a, b)]
-    fc_t = [leaf(v, dtype, DEVICE).requires_grad_(train_fc) for v in fc]
-    g_t = leaf(routing.gates, torch.float32, DEVICE)
-    ref = [leaf(v, torch.float64, "cpu") for v in t]
-    fc_r = [leaf(v, torch.float64, "cpu") for v in fc_t]
-    g_r = leaf(g_t, torch.float64, "cpu")
-    y = ak.moe_lora_ffn(t[0], *fc_t, t[1], t[2], Routing(routing.indices.to(DEVICE), g_t, routing.prob_sums), 1.5)
-    y_r = reference.moe_lora_ffn(ref[0], *fc_r, ref[1], ref[2], Routing(routing.indices, g_r, routing.prob_sums), 1.5)
-    assert_close("y", y_r, y, dtype)
-    d_y = torch.randn_like(y_r)
-    (y_r * d_y).sum().backward()
-    (y * d_y.to(DEVICE, dtype)).sum().backward()
-    for name, want, got in zip(["dx", "dA", "dB"], ref, t, strict=True):
-        assert_close(name, want.grad, got.grad, dtype)
-    assert_close("d_gates", g_r.grad, g_t.grad, dtype)
-    for name, want, got in zip(["d_fc1_weight", "d_fc1_bias", "d_fc2_weight", "d_fc2_bias"], fc_r, fc_t, strict=True):
-        if train_fc:
-            assert_close(name, want.grad, got.grad, dtype)
-        else:
-            assert got.grad is None, f"{name}: a frozen weight got a gradient"
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_moe_lora_ffn_matches_reference(backend, config, dtype):
-    check_moe_lora_ffn(37, 24, 96, 24, config, dtype)
-
-
-@pytest.mark.parametrize("tokens", [1, 33, 130], ids=lambda t: f"T{t}")
-def test_moe_lora_ffn_token_counts_and_trainable_fc(backend, tokens):
-    check_moe_lora_ffn(tokens, 20, 72, 28, (32, 6, 2, 2), torch.float32, train_fc=True)
-
-
-@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[3]])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 37], ids=lambda t: f"T{t}")
-def test_moe_lora_ffn_cublas_path_matches_reference(monkeypatch, config, dtype, tokens):
-    """The hedge: frozen GEMMs through torch.matmul (cuBLAS on a GPU), experts and GELU in small kernels around."""
-    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
-    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
-    check_moe_lora_ffn(tokens, 24, 96, 24, config, dtype)
-
-
-def test_moe_lora_ffn_cublas_path_trains_fc(monkeypatch):
-    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
-    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
-    check_moe_lora_ffn(33, 20, 72, 28, (32, 6, 2, 2), torch.float32, train_fc=True)
-
-
-def test_ffn_path_is_measured_once_per_shape_and_can_be_forced(monkeypatch):
-    from ase_kernels.kernels import lowrank
-
-    monkeypatch.delenv("ASE_KERNELS_FFN", raising=False)
-    monkeypatch.setattr(lowrank, "_ffn_choice", {})
-    x = torch.zeros(4, 8)
-    times = {"fused": 2.0, "cublas": 1.0}
-    measured = []
-
-    def measure(run):
-        measured.append(run())
-        return times[measured[-1]]
-
-    runs = {p: (lambda p=p: p) for p in lowrank.FFN_PATHS}
-    assert lowrank.ffn_path(("fwd", 1), runs, x, measure) == "cublas"
-    assert lowrank.ffn_path(("fwd", 1), runs, x, measure) == "cublas" and len(measured) == 2, "measured again"
-    times.update(fused=0.5)
-    assert lowrank.ffn_path(("fwd", 2), runs, x, measure) == "fused"
-    assert lowrank.ffn_path(("bwd", 3), runs, x) == "fused", "CPU tensors are not measured: the fused path"
-    monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
-    assert lowrank.ffn_path(("fwd", 2), runs, x, measure) == "cublas"
-    monkeypatch.setenv("ASE_KERNELS_FFN", "cuda")
-    with pytest.raises(ValueError, match="ASE_KERNELS_FFN must be one of"):
-        lowrank.ffn_path(("fwd", 2), runs, x, measure)

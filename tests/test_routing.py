@@ -3,12 +3,10 @@
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import CONFIGS, assert_close, config_modes, leaf
+from helpers import CONFIGS, DTYPES, assert_close, config_modes, leaf
 
 import ase_kernels as ak
 from ase_kernels import reference
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
 def check_route(x, w, ids, top_k, num_shared, mode, dtype, check_indices=True):
