@@ -108,10 +108,11 @@ def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
     return ids
 
 
-def task_offsets(ids: torch.Tensor) -> torch.Tensor | None:
+def task_offsets(ids: torch.Tensor, tasks: int) -> torch.Tensor | None:
     """(tasks + 1,) int64 start of each task's token range if ids (per-token ids returned by
-    :func:`token_task_ids`) were checked and found task-major (sorted), else None. No device work."""
-    if _ids_cache is not None and _ids_cache[4] is ids:
+    :func:`token_task_ids`) were checked against `tasks` routers and found task-major (sorted), else None. No
+    device work. (The same ids may feed modules of other task counts: their offsets are not these.)"""
+    if _ids_cache is not None and _ids_cache[4] is ids and _ids_cache[2] == tasks:
         return _ids_cache[5]
     return None
 
@@ -129,7 +130,9 @@ def _per_token(task_ids: torch.Tensor, per_row: int | None) -> torch.Tensor:
 
 def _zeros(tokens: int, device: torch.device) -> torch.Tensor:
     """tokens int64 zeros, a slice of one cached buffer per device (the kernels only read task ids)."""
-    if not _can_read_back(device):  # a compiled or captured graph allocates its own
+    # a compiled or captured graph allocates its own; so does inference mode, whose tensors autograd refuses to save
+    # (a cached buffer made there would break every later training call)
+    if not _can_read_back(device) or torch.is_inference_mode_enabled():
         return torch.zeros(tokens, dtype=torch.int64, device=device)
     buf = _zero_ids.get(device)
     if buf is None or buf.shape[0] < tokens:

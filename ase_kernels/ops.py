@@ -134,7 +134,8 @@ def _route_backward_fn(d_gates: torch.Tensor | None, d_prob_sums: torch.Tensor |
     # an absent gradient (None: autograd does not materialise zeros) counts as zero
     with _no_autocast(x):
         return tuple(_impl(x).route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, top_k,
-                                        num_shared, mode, task_offsets=task_offsets(task_ids)))
+                                        num_shared, mode,
+                                        task_offsets=task_offsets(task_ids, router_weight.shape[0])))
 
 
 _route_backward = torch.library.custom_op("ase_kernels::route_backward", _route_backward_fn, mutates_args=())

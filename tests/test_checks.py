@@ -124,6 +124,18 @@ def test_task_ids_made_in_inference_mode_are_checked(any_backend):
             ak.route(x, w, ids, top_k=2, num_shared=1)
 
 
+def test_a_one_task_module_trains_after_an_inference_mode_call(any_backend):
+    """The zero task ids of a one-task call are a cached buffer; one made in inference mode would be an inference
+    tensor that autograd refuses to save in every later training call."""
+    mlp = ak.ASEMlp(8, 16, num_experts=4, top_k=1, num_shared=1, rank=2).to(DEVICE)
+    x = torch.randn(3, 5, 8, device=DEVICE)
+    with torch.inference_mode():
+        want = mlp(x)
+    y = mlp(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), want) and mlp.router.grad is not None
+
+
 def _ffn_args(d=8, hidden=20, d_out=5):
     x, a, b, routing = _moe_args(d_in=d, d_out=d_out)
     w1, b1 = torch.randn(hidden, d, device=DEVICE), torch.randn(hidden, device=DEVICE)

@@ -119,11 +119,22 @@ def test_route_gradient_with_an_absent_task(backend, order):
     x, w = torch.randn(ids.shape[0], 16), torch.randn(4, 16, 16)
     check_route(x, w, ids, 3, 1, "adaptive", torch.float32)
     ids_d = ids.to(DEVICE)
-    offsets = task_offsets(token_task_ids(ids_d, x.to(DEVICE), 4))
+    offsets = task_offsets(token_task_ids(ids_d, x.to(DEVICE), 4), 4)
     if order == "task-major":
         assert offsets.tolist() == [0, 20, 20, 65, 71]
     else:
         assert offsets is None
+
+
+def test_task_offsets_belong_to_the_task_count_they_were_checked_for():
+    """One ids tensor may feed a 4-task and a 5-task router: the cached ranges of a 4-task check must not reach the
+    5-task router's gradient kernel (it would read one offset past their end)."""
+    from ase_kernels.checks import task_offsets, token_task_ids
+
+    ids = torch.tensor([0] * 9 + [1] * 7 + [2] * 11 + [3] * 5, device=DEVICE)
+    per_token = token_task_ids(ids, torch.randn(ids.shape[0], 16, device=DEVICE), 4)
+    assert task_offsets(per_token, 4).tolist() == [0, 9, 16, 27, 32]
+    assert task_offsets(per_token, 5) is None
 
 
 @pytest.mark.parametrize("loss", ["gates-only", "prob-sums-only"])
