@@ -173,6 +173,19 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or (kind is int and not isinstance(v, int))):
                 p.error(f"{_option(dest)}: expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+    for action in p._actions:  # argparse checks choices and nargs on the command line only
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        if action.nargs in ("+", "*", 3) and not (isinstance(value, list) and value
+                                                 and (action.nargs != 3 or len(value) == 3)):
+            count = action.nargs if action.nargs == 3 else "one or more"
+            p.error(f"{_option(action.dest)}: expected a list of {count} values, got {value!r}")
+        if action.choices is not None:
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v not in action.choices]
+            if bad:
+                p.error(f"{_option(action.dest)}: expected one of {', '.join(map(str, action.choices))}, got "
+                        f"{', '.join(map(repr, bad))}")
     for dest in POSITIVE:
         if getattr(args, dest) is not None and not getattr(args, dest) > 0:
             p.error(f"{_option(dest)} must be positive, got {getattr(args, dest)}")

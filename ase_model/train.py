@@ -4,6 +4,7 @@
     python -m ase_model.train --help
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from .data import DataError, PascalContextMT
 from .errors import UserError
 from .evaluate import evaluate, flatten, metrics_table
 from .losses import LOSS_WEIGHTS, multi_task_loss
+from .metrics import delta_m, load_reference
 from .model import build_model, load_pretrained
 from .options import resolve_args, resume_changes
 from .rundir import RunDir
@@ -398,7 +400,7 @@ class Trainer:
                 done, every = self.epoch + 1, args.edge_eval_every
                 results = self.evaluate(edge_ods=done >= args.epochs or (every > 0 and done % every == 0))
                 record.update(flatten(results))
-                score = results.get("delta_m", {}).get("value", -math.inf)
+                score = self.selection_score(results)
                 better = math.isfinite(score) and score > self.best
                 self.best = max(self.best, score) if better else self.best
             self.history.append(record)
@@ -418,6 +420,14 @@ class Trainer:
             shared = args.num_shared if args.num_experts else 0
             save_plots(self.history, args.output, self.model.tasks, num_shared=shared)
         return results
+
+    def selection_score(self, results: dict) -> float:
+        """What best.pt is chosen by: delta_m over the tasks that every evaluation scores. The edge odsF is computed
+        only at the final evaluation and every --edge-eval-every epochs (the edge BCE has no reference number), so
+        edges count here only when every evaluation computes it; otherwise epochs would be compared on 5 tasks
+        against 4."""
+        keep = {t: m for t, m in results.items() if t != "edge" or self.args.edge_eval_every == 1}
+        return delta_m(keep, load_reference(self.args.reference))[0]
 
     def evaluate(self, edge_ods: bool = True) -> dict:
         """The validation metrics; the edge odsF (slow: boundary matching) where edge_ods, else the edge BCE."""
@@ -460,7 +470,7 @@ def evaluate_only(args) -> dict:
     return results
 
 
-def train(argv, args) -> dict:
+def train(argv, args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
     run = RunDir(args.output)
     if int(os.environ.get("RANK", "0")) == 0:
         run.lock()
@@ -473,7 +483,7 @@ def train(argv, args) -> dict:
             notes = resume_changes(args, state["args"])
         trainer = Trainer(args, run, state, notes)
         try:
-            return trainer.fit()
+            return trainer.fit(), trainer.args  # a resumed run's options are the checkpoint's
         except Stop as stop:
             trainer.log(f"stopped by {stop}: last.pt holds step {trainer.step}; continue with --resume")
             raise SystemExit(128 + stop.signum) from None
@@ -501,7 +511,10 @@ def main(argv=None) -> dict:
     last.pt is saved."""
     try:
         args = resolve_args(argv)
-        results = evaluate_only(args) if args.eval_only else train(argv, args)
+        if args.eval_only:
+            results = evaluate_only(args)
+        else:
+            results, args = train(argv, args)
     except UserError as e:
         say(f"python -m ase_model.train: error: {e}")
         raise SystemExit(2) from None

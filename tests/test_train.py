@@ -377,6 +377,21 @@ def test_bad_options_are_refused_at_parse_time(tiny, tmp_path, capsys, bad, expe
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("config, expected", [
+    ({"schedule": "linear"}, "--schedule: expected one of cosine, poly, got 'linear'"),
+    ({"amp": "fp16"}, "--amp: expected one of"),
+    ({"tasks": "semseg"}, "--tasks: expected a list of one or more values, got 'semseg'"),
+    ({"tasks": []}, "--tasks: expected a list of one or more values, got []"),
+    ({"augment": "x"}, "--augment: expected one of reference, crop, got 'x'"),
+])
+def test_bad_config_file_values_are_refused_like_the_command_line(tiny, tmp_path, capsys, config, expected):
+    """argparse checks choices and list options on the command line only: values from -c FILE are checked too."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    _user_error(tiny + ["--output", str(tmp_path / "run"), "-c", str(cfg)], capsys, expected)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def _copy_of_the_data(tiny, tmp_path):
     import shutil
 
@@ -523,3 +538,20 @@ def test_sigterm_from_another_process_saves_and_resumes_exactly(tiny, whole, tmp
     assert f"stopped by SIGTERM: last.pt holds step {step}" in err and 2 <= step < 8
     train.main(["--output", out, "--no-plots", "--resume"])
     _assert_same_run(whole, out, "after SIGTERM from outside and resume")
+
+
+@pytest.mark.parametrize("edge_eval_every", [0, 1, 3])
+def test_best_checkpoint_compares_evaluations_on_the_same_tasks(edge_eval_every):
+    """An evaluation without the edge odsF (only some compute it) is compared with one that has it on the tasks
+    both score: edges count only when every evaluation computes their odsF (--edge-eval-every 1)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(args=SimpleNamespace(edge_eval_every=edge_eval_every, reference=options.REFERENCE))
+    four = {"semseg": {"mIoU": 61.0}, "human_parts": {"mIoU": 50.0}, "sal": {"mIoU": 60.0}, "normals": {"mean": 16.0},
+            "edge": {"bce": 0.2}}
+    five = {**four, "edge": {"bce": 0.2, "odsF": 20.0}}  # a poor edge score would sink a 5-task delta_m
+    without, with_edges = (train.Trainer.selection_score(trainer, r) for r in (four, five))
+    if edge_eval_every == 1:
+        assert with_edges < without
+    else:
+        assert with_edges == without
