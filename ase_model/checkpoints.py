@@ -12,15 +12,26 @@ import torch
 from .errors import UserError
 
 
-def previous_path(path: str) -> str:
-    """last.pt -> last.prev.pt: where save_atomic(..., keep_previous=True) keeps the file it replaces."""
+def previous_path(path: str, kind: str = "prev") -> str:
+    """last.pt -> last.prev.pt: where save_atomic(..., keep_previous=True) keeps the file it replaces (kind
+    "damaged": where read_latest moves a file it could not read)."""
     root, ext = os.path.splitext(path)
-    return f"{root}.prev{ext}"
+    return f"{root}.{kind}{ext}"
+
+
+def _sync_directory(directory: str) -> None:
+    """A rename is on disk only once its directory is: without this, a power cut may undo it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str, write, keep_previous: bool = False) -> None:
-    """Call write(file) on a temporary file of a unique name in path's directory, flush it to disk, then rename it
-    to path: a crash leaves the old file or the new one, and concurrent writers never share a temporary file.
+    """Call write(file) on a temporary file of a unique name in path's directory, flush it to disk, rename it to
+    path and flush the directory: a crash or a power cut leaves the old file or the new one, and concurrent writers
+    never share a temporary file.
     keep_previous: the file being replaced stays as previous_path(path) (a hard link, so path always exists)."""
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
@@ -34,6 +45,7 @@ def write_atomic(path: str, write, keep_previous: bool = False) -> None:
             os.link(path, link)
             os.replace(link, previous_path(path))
         os.replace(tmp, path)
+        _sync_directory(directory)
     except BaseException:
         for leftover in (tmp, f"{tmp}.prev"):
             with contextlib.suppress(FileNotFoundError):
@@ -63,8 +75,10 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def read_latest(path: str, log) -> tuple[str, dict]:
-    """(the file read, its state): path, or previous_path(path) with a message when path is damaged or missing."""
+def read_latest(path: str, log, repair: bool = False) -> tuple[str, dict]:
+    """(the file read, its state): path, or previous_path(path) with a message when path is damaged or missing.
+    repair (one process of a run): the damaged file moves to previous_path(path, "damaged") and path becomes the
+    previous checkpoint again, so that the next save keeps a readable file as its previous one."""
     prev = previous_path(path)
     try:
         return path, read_checkpoint(path)
@@ -73,6 +87,14 @@ def read_latest(path: str, log) -> tuple[str, dict]:
             raise
         state = read_checkpoint(prev)
         log(f"{damaged}; resuming from the previous checkpoint {prev} (step {state.get('step')})")
+        if repair:
+            if os.path.exists(path):
+                os.replace(path, previous_path(path, "damaged"))
+                log(f"the damaged file is kept as {previous_path(path, 'damaged')}")
+            link = f"{prev}.{os.getpid()}.tmp"
+            os.link(prev, link)
+            os.replace(link, path)
+            _sync_directory(os.path.dirname(os.path.abspath(path)))
         return prev, state
 
 

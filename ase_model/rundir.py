@@ -10,7 +10,7 @@ from .errors import UserError
 
 CHECKPOINTS = ("last.pt", "last.prev.pt")
 # what a training run writes: --overwrite clears these and refuses to delete anything else
-RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "last.prev.pt", "best.pt", "best.prev.pt", "tb",
+RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "last.prev.pt", "last.damaged.pt", "best.pt", "tb",
              "eval_config.yaml", "eval_metrics.json"}
 
 

@@ -231,9 +231,13 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tiny, whole, t
     with open(last, "r+b") as f:  # a write cut short (a full disk, a copy that stopped)
         f.truncate(os.path.getsize(last) // 2)
     capsys.readouterr()
+    damaged = open(last, "rb").read()
     train.main(["--output", out, "--no-plots", "--resume"])
     assert f"resuming from the previous checkpoint {prev} (step 2)" in capsys.readouterr().err
     _assert_same_run(whole, out, "after resuming from last.prev.pt")
+    # the next save kept a readable previous checkpoint, not the damaged file, which is kept aside
+    assert torch.load(prev, weights_only=False)["step"] > 2
+    assert open(os.path.join(out, "last.damaged.pt"), "rb").read() == damaged
 
 
 # ---------------------------------------------------------------------------------------------- no mixed runs
