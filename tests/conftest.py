@@ -35,3 +35,16 @@ def backend(request, monkeypatch):
     """Runs the test once per fast backend (the reference is what they are compared with)."""
     monkeypatch.setenv("ASE_KERNELS_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def pyedgeeval():
+    """pyEdgeEval, the benchmark's edge matcher (the `eval` extra, which the `test` extra installs): a test that
+    needs it is skipped with that reason where it is missing, and fails in CI (CI=true), which installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyEdgeEval") is None:
+        message = "pyEdgeEval is not installed (pip install -e '.[eval]')"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message}: CI installs the test extra, which includes it")
+        pytest.skip(message)

@@ -1,7 +1,6 @@
 """ase_model/evaluate.py: predictions are decoded and resized back to each image's original size as the reference
 does (nearest for label maps, bilinear for probabilities and normals), and scored on full-resolution labels."""
 
-import importlib.util
 import math
 
 import pytest
@@ -69,8 +68,7 @@ def test_evaluation_scores_full_resolution_labels(tmp_path, monkeypatch):
     assert "odsF" not in results["edge"] and results["edge"]["loss"] == pytest.approx(want, rel=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyEdgeEval") is None, reason="pyEdgeEval is not installed")
-def test_edge_ods_f_only_when_asked(tmp_path):
+def test_edge_ods_f_only_when_asked(pyedgeeval, tmp_path):
     root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=2, size=16)
     val = PascalContextMT(root, "val", img_size=16, train=False)
     kwargs = dict(device=torch.device("cpu"), batch_size=2, workers=0, amp=False, show=False, edge_thresholds=9)

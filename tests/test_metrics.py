@@ -224,9 +224,8 @@ def _edge_images(seed=3):
     return out
 
 
-@pytest.mark.skipif(not HAS_PYEDGEEVAL, reason="pyEdgeEval is not installed (pip install -e '.[eval]')")
 @pytest.mark.parametrize("workers", [pytest.param(0, id="in-process"), pytest.param(2, id="2-workers")])
-def test_edge_ods_f_matches_pyedgeeval(workers):
+def test_edge_ods_f_matches_pyedgeeval(pyedgeeval, workers):
     from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
     from pyEdgeEval.common.metrics import compute_rec_prec_f1
     from pyEdgeEval.common.utils import check_thresholds
