@@ -166,7 +166,8 @@ def _check_index_values(indices: torch.Tensor, n: int) -> None:
 
 
 def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
-    """Validate the arguments of ``route``. Returns x as (T, d_in) and task ids as (T,) int64."""
+    """Validate the arguments of ``route``. Returns x as (T, d_in), task ids as (T,) int64, and top_k and
+    num_shared as Python ints (numpy and 0-d integer tensors are accepted)."""
     check_x(x)
     _check_tensor("router_weight", router_weight, dim=3, dtype=x.dtype, device=x.device)
     tasks, n, d_in = router_weight.shape
@@ -185,7 +186,7 @@ def check_route(x, router_weight, task_ids, top_k, num_shared, mode):
         raise ValueError("top_k + num_shared must be at least 1: every token needs an active expert")
     if tasks < 1 or n < 1:
         raise ValueError(f"router_weight must have at least one task and one expert, got {tuple(router_weight.shape)}")
-    return x.reshape(-1, d_in), token_task_ids(task_ids, x, tasks)
+    return x.reshape(-1, d_in), token_task_ids(task_ids, x, tasks), top_k, num_shared
 
 
 def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bias):

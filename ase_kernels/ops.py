@@ -19,7 +19,7 @@ import types
 import torch
 
 from . import reference, torch_ops
-from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, integer, task_offsets, trust_indices
+from .checks import Routing, check_moe_lora, check_moe_lora_ffn, check_route, task_offsets, trust_indices
 from .kernels.common import interpreting
 
 BACKENDS = ("reference", "torch", "triton")
@@ -198,8 +198,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, task_ids: torch.Tensor |
         (torch.Size([10, 5]), True)
     """
     x, router_weight = _autocast(x, router_weight)
-    x2, ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
-    top_k, num_shared = integer("top_k", top_k), integer("num_shared", num_shared)  # the op schema wants int
+    x2, ids, top_k, num_shared = check_route(x, router_weight, task_ids, top_k, num_shared, mode)  # ints for the op
     if backend(x) == "reference" or x2.shape[0] == 0:  # an empty batch keeps its (empty) autograd graph
         return reference.route(x, router_weight, ids, top_k=top_k, num_shared=num_shared, mode=mode)
     gates, prob_sums, indices = _route_call(x2, router_weight, ids, top_k, num_shared, mode)

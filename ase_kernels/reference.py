@@ -63,7 +63,7 @@ def naive_gates(z_sparse: torch.Tensor, num_shared: int, top: torch.Tensor) -> t
 
 def route(x, router_weight, task_ids=None, *, top_k: int, num_shared: int, mode: str = "adaptive") -> Routing:
     """Route tokens to experts: see :func:`ase_kernels.route` for the contract; this is its reference."""
-    x2, task_ids = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
+    x2, task_ids, top_k, num_shared = check_route(x, router_weight, task_ids, top_k, num_shared, mode)
     tasks, n, _ = router_weight.shape
     z = router_logits(x2.to(router_weight.dtype), router_weight, task_ids)  # (T, N)
     z_sparse, z_shared = z[:, : n - num_shared], z[:, n - num_shared :]
