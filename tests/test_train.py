@@ -264,6 +264,23 @@ def _user_error(argv, capsys, *expected, mid_run=False):
         assert text in "\n".join(err), (text, err)
 
 
+@pytest.mark.parametrize("error", ["user", "internal"])
+def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(tiny, tmp_path, capsys, monkeypatch,
+                                                                           error):
+    from ase_model.errors import UserError
+
+    def fit(self):
+        raise UserError("--pretrained w.pth: not ViT weights") if error == "user" else RuntimeError("a bug")
+
+    monkeypatch.setattr(train.Trainer, "fit", fit)
+    argv = tiny + ["--output", str(tmp_path / "run"), "--no-plots"]
+    if error == "user":
+        _user_error(argv, capsys, "--pretrained w.pth: not ViT weights")
+    else:
+        with pytest.raises(RuntimeError, match="a bug"):
+            train.main(argv)
+
+
 def test_an_existing_run_is_never_overwritten_or_mixed(tiny, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(tiny + ["--output", out, "--no-plots", "--epochs", "1"])
