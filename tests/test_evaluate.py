@@ -40,19 +40,24 @@ class _Constant(torch.nn.Module):
         return None
 
 
-def test_evaluation_scores_full_resolution_labels(tmp_path, monkeypatch):
-    root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=5, size=20)
-    val = PascalContextMT(root, "val", img_size=16, train=False)
-    seen = []
-    real = ev.make_meters
+def _record_updates(monkeypatch, task: str, what) -> list:
+    """what(prediction, target) of every update of the task's meter in the evaluations that follow."""
+    seen, real = [], ev.make_meters
 
     def recording(*args, **kwargs):
         meters = real(*args, **kwargs)
-        update = meters["semseg"].update
-        meters["semseg"].update = lambda p, t: (seen.append((tuple(p.shape), tuple(t.shape))), update(p, t))
+        update = meters[task].update
+        meters[task].update = lambda p, t: (seen.append(what(p, t)), update(p, t))
         return meters
 
     monkeypatch.setattr(ev, "make_meters", recording)
+    return seen
+
+
+def test_evaluation_scores_full_resolution_labels(tmp_path, monkeypatch):
+    root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=5, size=20)
+    val = PascalContextMT(root, "val", img_size=16, train=False)
+    seen = _record_updates(monkeypatch, "semseg", lambda p, t: (tuple(p.shape), tuple(t.shape)))
     results = ev.evaluate(_Constant(), val, device=torch.device("cpu"), batch_size=2, workers=0, amp=False,
                           show=False, edge_ods=False)
     sizes = [tuple(val.load(i)["image"].shape[:2]) for i in range(len(val))]
@@ -82,16 +87,7 @@ def test_two_ranks_score_every_image_once(tmp_path, monkeypatch):
     """5 images over 2 ranks: the sampler pads rank 1 with a repeat of image 0, which rank 0 scores."""
     root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=5, size=12)
     val = PascalContextMT(root, "val", img_size=8, train=False)
-    scored = []
-    real = ev.make_meters
-
-    def recording(*args, **kwargs):
-        meters = real(*args, **kwargs)
-        update = meters["sal"].update
-        meters["sal"].update = lambda p, t: (scored.append(t.shape), update(p, t))
-        return meters
-
-    monkeypatch.setattr(ev, "make_meters", recording)
+    scored = _record_updates(monkeypatch, "sal", lambda p, t: t.shape)
     for rank in range(2):
         monkeypatch.setattr(ev.dist, "is_initialized", lambda: True)
         monkeypatch.setattr(ev.dist, "get_world_size", lambda: 2)
