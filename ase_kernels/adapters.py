@@ -28,10 +28,7 @@ def _adapters(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _spec(module) -> dict:
-    options = module.options()
-    if hasattr(module, "placement"):
-        options["placement"] = module.placement
-    return {"type": type(module).__name__, "options": options}
+    return {"type": type(module).__name__, "options": module.options()}
 
 
 def _differences(name: str, saved: dict, module) -> list[str]:

@@ -258,6 +258,9 @@ class ASEMlp(_Routed):
         return (self.placement == "ffn" and type(act) is nn.GELU and act.approximate == "none"
                 and isinstance(self.norm, nn.Identity) and (self.drop1.p == 0 or not self.training))
 
+    def options(self) -> dict:
+        return super().options() | {"placement": self.placement}
+
     def extra_repr(self) -> str:
         return f"placement={self.placement!r}, {self._routing_repr()}"
 
