@@ -111,7 +111,13 @@ def token_task_ids(task_ids, x: torch.Tensor, tasks: int) -> torch.Tensor:
 def task_offsets(ids: torch.Tensor, tasks: int) -> torch.Tensor | None:
     """(tasks + 1,) int64 start of each task's token range if ids (per-token ids returned by
     :func:`token_task_ids`) were checked against `tasks` routers and found task-major (sorted), else None. No
-    device work. (The same ids may feed modules of other task counts: their offsets are not these.)"""
+    device work. (The same ids may feed modules of other task counts: their offsets are not these.)
+
+    None under torch.compile or CUDA-graph capture: a captured graph replays on whatever its ids tensor then holds,
+    and the offsets of an earlier eager call would be stale (token_task_ids hands int64 per-token ids through as
+    the same tensor, so the identity check alone cannot tell)."""
+    if not _can_read_back(ids.device):
+        return None
     if _ids_cache is not None and _ids_cache[4] is ids and _ids_cache[2] == tasks:
         return _ids_cache[5]
     return None

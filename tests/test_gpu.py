@@ -91,3 +91,34 @@ def test_cuda_graph_capture_of_route_and_moe_lora(monkeypatch):
     torch.cuda.synchronize()
     eager = mlp(x, ids)
     assert_close("y", eager, y, torch.bfloat16)
+
+
+def test_cuda_graph_replay_follows_refilled_per_token_task_ids(monkeypatch):
+    """Per-token int64 ids reach the ops as the very tensor the graph captured: refilled before replay, the router
+    gradient must follow the new ids, not task ranges cached by the eager warm-up on the same tensor."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    tokens = 8 * TOKENS_PER_IMAGE
+    x = torch.randn(tokens, DIM, device="cuda")
+    w = torch.randn(TASKS, 32, DIM, device="cuda", requires_grad=True)
+    ids = torch.arange(tokens, device="cuda") * TASKS // tokens  # task-major: the eager calls cache its ranges
+
+    def step():
+        w.grad = None
+        r = ak.route(x, w, ids, top_k=6, num_shared=2)
+        (r.gates.square().sum() + r.prob_sums.square().sum()).backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ids.copy_(torch.sort(torch.randint(0, TASKS, (tokens,), device="cuda")).values)  # another task-major split
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = w.grad.clone()
+    step()  # eager, on the refilled ids
+    assert_close("d_router_weight", w.grad, replayed, torch.float32)

@@ -137,6 +137,20 @@ def test_task_offsets_belong_to_the_task_count_they_were_checked_for():
     assert task_offsets(per_token, 5) is None
 
 
+def test_router_gradient_while_capturing_takes_the_ids_it_will_replay_on(backend, monkeypatch):
+    """A CUDA graph replays on whatever its ids tensor then holds: the task ranges cached by an eager call on the
+    same tensor must not reach a captured gradient. Capture is simulated (no value can be read back); on a GPU,
+    tests/test_gpu.py captures a real graph."""
+    from ase_kernels import checks
+
+    ids = torch.tensor([0] * 30 + [1] * 3)  # int64, one per token: on the CPU the ops get this very tensor
+    x, w = torch.randn(33, 16), torch.randn(2, 8, 16)
+    check_route(x, w, ids, 3, 1, "adaptive", torch.float32)  # eager: checks the ids and caches their task ranges
+    monkeypatch.setattr(checks, "_can_read_back", lambda device: False)
+    ids.copy_(torch.tensor([0] * 3 + [1] * 30))  # a graph's static input, refilled before replay
+    check_route(x, w, ids, 3, 1, "adaptive", torch.float32)
+
+
 @pytest.mark.parametrize("loss", ["gates-only", "prob-sums-only"])
 def test_route_gradient_of_one_output(backend, loss):
     """Autograd does not materialise zeros for the unused output: backward takes None for it."""
