@@ -79,14 +79,26 @@ def test_ffn_path_is_measured_once_per_shape_and_can_be_forced(monkeypatch):
         measured.append(run())
         return times[measured[-1]]
 
-    runs = {p: (lambda p=p: p) for p in ffn.FFN_PATHS}
-    assert ffn.ffn_path(("fwd", 1), runs, x, measure) == "cublas"
-    assert ffn.ffn_path(("fwd", 1), runs, x, measure) == "cublas" and len(measured) == 2, "measured again"
+    fns = {p: (lambda path, p=p: path + p) for p in ffn.FFN_PATHS}  # each returns its own name
+    assert ffn.ffn_path(("fwd", 1), fns, ("",), x, measure) == "cublas"
+    assert ffn.ffn_path(("fwd", 1), fns, ("",), x, measure) == "cublas" and len(measured) == 2, "measured again"
     times.update(fused=0.5)
-    assert ffn.ffn_path(("fwd", 2), runs, x, measure) == "fused"
-    assert ffn.ffn_path(("bwd", 3), runs, x) == "fused", "CPU tensors are not measured: the fused path"
+    assert ffn.ffn_path(("fwd", 2), fns, ("",), x, measure) == "fused"
+    assert ffn.ffn_path(("bwd", 3), fns, ("",), x) == "fused", "CPU tensors are not measured: the fused path"
     monkeypatch.setenv("ASE_KERNELS_FFN", "cublas")
-    assert ffn.ffn_path(("fwd", 2), runs, x, measure) == "cublas"
+    assert ffn.ffn_path(("fwd", 2), fns, ("",), x, measure) == "cublas"
     monkeypatch.setenv("ASE_KERNELS_FFN", "cuda")
     with pytest.raises(ValueError, match="ASE_KERNELS_FFN must be one of"):
-        ffn.ffn_path(("fwd", 2), runs, x, measure)
+        ffn.ffn_path(("fwd", 2), fns, ("",), x, measure)
+
+
+def test_ffn_path_is_chosen_per_power_of_2_of_the_token_count(monkeypatch):
+    """Batches of 100 and 120 tokens share one measurement per phase (the choice is keyed on the weights' shapes
+    and the token count rounded up to 128), 130 tokens get their own."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    keys = []
+    monkeypatch.setattr(ffn, "ffn_path", lambda key, fns, args, x: keys.append(key) or "fused")
+    for tokens in (100, 120, 130):
+        check_moe_lora_ffn(tokens, 8, 16, 8, (8, 2, 1, 2), torch.float32)
+    assert [k[0] for k in keys] == ["fwd", "bwd"] * 3
+    assert keys[0:2] == keys[2:4] and keys[4] != keys[0] and keys[5] != keys[1]

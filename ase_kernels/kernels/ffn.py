@@ -66,11 +66,11 @@ _FFN = {"fwd": {"fused": _ffn_fwd_fused, "cublas": _ffn_fwd_cublas},
 _ffn_choice: dict[tuple, str] = {}  # (phase, shapes, dtype, device) -> the faster path, measured once
 
 
-def ffn_path(key: tuple, runs: dict, x: torch.Tensor, measure=None) -> str:
+def ffn_path(key: tuple, fns: dict, args: tuple, x: torch.Tensor, measure=None) -> str:
     """Which implementation of the ASE FFN serves a call: ASE_KERNELS_FFN=fused|cublas if set; on a GPU the faster
-    of runs (path -> callable), measured once per key like an autotuner (measure defaults to
-    triton.testing.do_bench) and cached; else (CPU, interpreter, or a CUDA-graph capture before any
-    measurement) the fused one."""
+    of fns (path -> function of args), measured once per key like an autotuner (measure, a function of a
+    no-argument callable, defaults to triton.testing.do_bench) and cached; else (CPU, interpreter, or a CUDA-graph
+    capture before any measurement) the fused one."""
     forced = os.environ.get("ASE_KERNELS_FFN", "").strip().lower()
     if forced:
         if forced not in FFN_PATHS:
@@ -82,18 +82,19 @@ def ffn_path(key: tuple, runs: dict, x: torch.Tensor, measure=None) -> str:
         if not x.is_cuda or interpreting() or torch.cuda.is_current_stream_capturing():
             return "fused"
         from triton.testing import do_bench as measure
-    times = {path: measure(run) for path, run in runs.items()}
+    times = {path: measure(functools.partial(fn, *args)) for path, fn in fns.items()}
     _ffn_choice[key] = min(times, key=times.get)
     return _ffn_choice[key]
 
 
-def _ffn_run(phase: str, x: torch.Tensor, args: tuple):
-    """One phase of the ASE FFN through the path that ffn_path picks for these shapes (token count by power of 2)."""
+def _ffn_run(phase: str, x: torch.Tensor, indices: torch.Tensor, weights: tuple, args: tuple):
+    """One phase of the ASE FFN through the path that ffn_path picks. The choice is made per token count rounded
+    up to a power of 2 and per shape of the token-independent tensors: weights (None for an absent bias) and the
+    k + S experts per token."""
+    shapes = tuple(None if w is None else tuple(w.shape) for w in weights)
+    key = (phase, next_power_of_2(x.shape[0]), indices.shape[1], shapes, x.dtype, x.device)
     fns = _FFN[phase]
-    shapes = tuple(tuple(a.shape) for a in args[1:] if isinstance(a, torch.Tensor))
-    key = (phase, next_power_of_2(x.shape[0]), shapes, x.dtype, x.device)
-    path = ffn_path(key, {p: functools.partial(fn, *args) for p, fn in fns.items()}, x)
-    return fns[path](*args)
+    return fns[ffn_path(key, fns, args, x)](*args)
 
 
 def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale: float):
@@ -104,11 +105,13 @@ def moe_lora_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora
     GELU gradient. Fused (three kernels: the shrink, fc1 with bias and GELU in its epilogue, fc2 with the experts)
     or with cuBLAS GEMMs, as :func:`ffn_path` picks; both save the same tensors.
     """
-    return _ffn_run("fwd", x, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale))
+    return _ffn_run("fwd", x, indices, (fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B),
+                    (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, indices, gates, scale))
 
 
 def moe_lora_ffn_bwd(d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale: float):
     """Gradients of :func:`moe_lora_ffn_fwd` with frozen fc1/fc2: d_x, d_A, d_B, d_gates, and d_h_pre (T, hidden)
     for the caller that trains fc1. d_x = (d_y W2 * gelu'(h_pre)) W1 + d_u A_all; fused, the experts' input
     gradient rides in fc1's backward GEMM as a K-extension."""
-    return _ffn_run("bwd", x, (d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale))
+    return _ffn_run("bwd", x, indices, (fc1_weight, fc2_weight, lora_A, lora_B),
+                    (d_y, x, fc1_weight, fc2_weight, lora_A, lora_B, indices, gates, u, h_pre, scale))
