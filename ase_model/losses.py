@@ -45,9 +45,9 @@ def _global_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
-def _batch_mean(values: torch.Tensor, valid: torch.Tensor, distributed: bool | None) -> torch.Tensor:
-    """Sum of values over the valid elements of the (global) batch, divided by their number (0 if none)."""
-    world = _world(distributed)
+def _batch_mean(values: torch.Tensor, valid: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum of values over the valid elements of the global batch of `world` processes, divided by their number
+    (0 if none)."""
     count = _global_sum(valid.sum(), world).clamp_min(1)
     return (values * valid).sum() * (world / count).to(values.dtype)
 
@@ -56,7 +56,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, distributed: bo
     """logits (B, C, H, W), target (B, H, W) int64 with IGNORE: mean over the batch's valid pixels."""
     valid = target != IGNORE
     loss = F.cross_entropy(logits.float(), target.masked_fill(~valid, 0), reduction="none")
-    return _batch_mean(loss, valid, distributed)
+    return _batch_mean(loss, valid, _world(distributed))
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None, *,
@@ -73,9 +73,9 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float |
         counts = _global_sum(torch.stack([((1 - y) * valid).sum(), valid.sum()]), world)
         w = (counts[0] / counts[1].clamp_min(1)).float()
     else:
-        w = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
+        w = torch.tensor(pos_weight, dtype=torch.float32)  # a 0-dim CPU tensor: a scalar operand, no copy to the GPU
     loss = -(w * y * F.logsigmoid(logits) + (1 - w) * (1 - y) * F.logsigmoid(-logits))
-    return _batch_mean(loss, valid, distributed)
+    return _batch_mean(loss, valid, world)
 
 
 def normals_l1(pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | None = None) -> torch.Tensor:
@@ -84,7 +84,7 @@ def normals_l1(pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | 
     valid = target != IGNORE
     pred = F.normalize(pred.float(), dim=1)
     loss = (pred - target.masked_fill(~valid, 0)).abs()
-    return _batch_mean(loss, valid, distributed)
+    return _batch_mean(loss, valid, _world(distributed))
 
 
 def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | None = None) -> torch.Tensor:
