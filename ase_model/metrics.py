@@ -4,6 +4,7 @@ Every meter keeps its state in one float64 tensor (``state``), so ranks sum thei
 and any rank can then ``compute()`` the dataset-level numbers.
 """
 
+import functools
 import importlib.util
 import math
 import multiprocessing
@@ -153,26 +154,20 @@ class NormalsMeter(Meter):
                 "rmse": math.sqrt(self.state[self.BINS + 1].item() / n), **within}
 
 
-_SAID_NO_PYEDGEEVAL = False
-
-
+@functools.cache
 def _boundary_matcher():
     """pyEdgeEval's per-image boundary matching of the BSDS / SEISM protocol (thinned predictions matched to the
-    ground truth within a distance tolerance), or None where pyEdgeEval is not installed (said once)."""
-    global _SAID_NO_PYEDGEEVAL
+    ground truth within a distance tolerance), or None where pyEdgeEval is not installed (said once: the answer is
+    cached for the process and the workers it forks)."""
     if importlib.util.find_spec("pyEdgeEval") is None:
-        if not _SAID_NO_PYEDGEEVAL:
-            _SAID_NO_PYEDGEEVAL = True
-            warnings.warn("pyEdgeEval is not installed: no edge odsF (the edge metric is the balanced BCE, and "
-                          "delta_m leaves edges out). Install it with: pip install -e \".[eval]\"", stacklevel=2)
+        warnings.warn("pyEdgeEval is not installed: no edge odsF (the edge metric is the balanced BCE, and "
+                      "delta_m leaves edges out). Install it with: pip install -e \".[eval]\"", stacklevel=2)
         return None
     try:
         from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
     except ImportError as e:  # its modules moved between releases
-        if not _SAID_NO_PYEDGEEVAL:
-            _SAID_NO_PYEDGEEVAL = True
-            warnings.warn(f"pyEdgeEval is installed but has no evaluate_boundaries_threshold ({e}): no edge odsF",
-                          stacklevel=2)
+        warnings.warn(f"pyEdgeEval is installed but has no evaluate_boundaries_threshold ({e}): no edge odsF",
+                      stacklevel=2)
         return None
     return evaluate_boundaries_threshold
 
