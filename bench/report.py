@@ -42,7 +42,8 @@ def load(paths: list[str]):
         machine, when = machine or data.get("machine_info", {}), when or data.get("datetime", "")
         for b in data["benchmarks"]:
             if "ms" in b.get("extra_info", {}):
-                rows.append(dict(b["extra_info"], test=b["name"].split("[")[0]))
+                # rows from before the benchmarks had modes ran eager
+                rows.append({"mode": "eager", **b["extra_info"], "test": b["name"].split("[")[0]})
     if not rows:
         raise ReportError(f"{', '.join(paths)}: no benchmark measured anything (all skipped or failed?)")
     return rows, machine, when
@@ -194,14 +195,14 @@ def vit_table(rows, gpu: bool = True) -> str:
     vit = [r for r in rows if r["test"] == "bench_vit_train_step"]
     if not vit:
         return ""
-    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain" and r.get("mode", "eager") == "eager"}
+    plain = {r["images"]: r["ms"] for r in vit if r["impl"] == "plain" and r["mode"] == "eager"}
     modes = ("eager", "compiled", "graphed")
     lines = ["\n### 5-task ViT training step (images per task; the backbone batch is 5x that)\n",
              "| images/task | implementation, mode | images/s | ms/step | x plain eager | TFLOP/s | memory MiB |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(vit, key=lambda r: (r["images"], ("plain", "ase", "reference").index(r["impl"]),
-                                        modes.index(r.get("mode", "eager")))):
-        label = impl_label(r["impl"], gpu) + ("" if r.get("mode", "eager") == "eager" else f", {r['mode']}")
+                                        modes.index(r["mode"]))):
+        label = impl_label(r["impl"], gpu) + ("" if r["mode"] == "eager" else f", {r['mode']}")
         lines.append(f"| {r['images']} | {label} | {r['images_per_s']:.1f} | {r['ms']:.1f} | "
                      f"{_fmt(_ratio(r['ms'], plain.get(r['images'])), '.2f')} | {_fmt(r.get('tflops'), '.2f')} | "
                      f"{_fmt(r.get('memory_mb'), '.0f')} |")
@@ -262,7 +263,7 @@ def plot(rows, ffn: FFN, path: str) -> None:
     for impl in ("plain", "ase", "reference"):
         for mode, style in (("eager", "-"), ("compiled", "--"), ("graphed", ":")):
             pts = sorted((r["images"], r["images_per_s"]) for r in rows if r["test"] == "bench_vit_train_step"
-                         and r["impl"] == impl and r.get("mode", "eager") == mode)
+                         and r["impl"] == impl and r["mode"] == mode)
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, marker="o", color=COLORS[impl],
                         label=impl if mode == "eager" else f"{impl} {mode}")

@@ -21,6 +21,7 @@ kernel on a GPU host, does not), and torch ops run on CPU tensors small enough t
 negligible next to their dispatch.
 """
 
+import functools
 import gc
 import math
 import os
@@ -77,20 +78,16 @@ def _has_bool_index(index) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
-_kernel_cache: dict[str, bool] = {}
-
-
+@functools.cache
 def launches_kernel(name: str) -> bool:
     """Whether aten op `name` ('aten::sum') runs a CUDA kernel of its own (see the module docstring)."""
-    if name in _kernel_cache:
-        return _kernel_cache[name]
-    result = name in _ALWAYS_KERNEL
-    if not result and name.startswith("aten::") and name not in _NO_KERNEL:
-        packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
-        overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
-        result = not any(o.is_view for o in overloads) and any(_has_cuda_kernel(o.name()) for o in overloads)
-    _kernel_cache[name] = result
-    return result
+    if name in _ALWAYS_KERNEL:
+        return True
+    if not name.startswith("aten::") or name in _NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
+    return not any(o.is_view for o in overloads) and any(_has_cuda_kernel(o.name()) for o in overloads)
 
 
 def _has_cuda_kernel(op: str) -> bool:
