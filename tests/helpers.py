@@ -20,6 +20,13 @@ TOLERANCES = {
 MIN_SCALE = 1.0
 
 
+def tiny_vit(**kwargs):
+    """A two-block 32x32 ViT-Tiny with 10 classes; kwargs override or add to timm.create_model's arguments."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", **{"img_size": 32, "depth": 2, "num_classes": 10, **kwargs})
+
+
 def tol(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES[dtype]
 

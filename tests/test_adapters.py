@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import timm
 import torch
+from helpers import tiny_vit
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -16,7 +16,7 @@ IDS = torch.tensor([2, 0])
 
 def _vit(seed=0):
     torch.manual_seed(seed)  # the same seed, the same "pretrained" base weights
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+    return tiny_vit().eval()
 
 
 def _trained(model):
@@ -66,10 +66,10 @@ def test_mismatched_options_names_and_shapes_are_refused_by_name(tmp_path):
         ak.load_adapters(ak.convert(_vit(), **{**CONFIG, "top_k": 3}), path)
     with pytest.raises(ValueError, match=r"in the file only \['blocks.1.mlp'\], in the model only \['head'\]"):
         ak.load_adapters(ak.convert(_vit(), target=["blocks.0.mlp", "head"], **CONFIG), path)
-    wide = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=96, num_heads=3)
+    wide = tiny_vit(embed_dim=96, num_heads=3, num_classes=1000)  # timm's default head
     with pytest.raises(ValueError, match=r"shapes \['blocks.0.mlp.router: file \(3, 8, 192\), model \(3, 8, 96\)"):
         ak.load_adapters(wide, path)
-    shallow = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    shallow = tiny_vit(depth=1, num_classes=1000)
     with pytest.raises(ValueError, match=r"modules that VisionTransformer lacks: \['blocks.1.mlp'\]"):
         ak.load_adapters(shallow, path)
 

@@ -2,19 +2,14 @@
 
 import numpy as np
 import pytest
-import timm
 import torch
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, tiny_vit
 
 import ase_kernels as ak
 from ase_kernels.convert import convert_module
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2)
-
-
-def _tiny_vit(**kwargs):
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10, **kwargs)
 
 
 def _equal_or_close(backend, name, want, got):
@@ -30,16 +25,16 @@ def _equal_or_close(backend, name, want, got):
 def vit_checkpoint(tmp_path):
     """A small ViT's weights on disk, as a user's pretrained checkpoint would be."""
     path = tmp_path / "vit.pth"
-    torch.save(_tiny_vit().state_dict(), path)
+    torch.save(tiny_vit().state_dict(), path)
     return str(path)
 
 
 @pytest.mark.parametrize("load", ["checkpoint_path", "pretrained_cfg_overlay"])
 def test_a_timm_loaded_vit_converts_and_returns_what_it_returned(backend, vit_checkpoint, load):
     if load == "checkpoint_path":
-        vit = _tiny_vit(checkpoint_path=vit_checkpoint)
+        vit = tiny_vit(checkpoint_path=vit_checkpoint)
     else:
-        vit = _tiny_vit(pretrained=True, pretrained_cfg_overlay=dict(file=vit_checkpoint))
+        vit = tiny_vit(pretrained=True, pretrained_cfg_overlay=dict(file=vit_checkpoint))
     assert_close("loaded", torch.load(vit_checkpoint)["blocks.0.mlp.fc1.weight"], vit.blocks[0].mlp.fc1.weight)
     vit = vit.to(DEVICE).eval().requires_grad_(False)
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -59,14 +54,14 @@ def test_a_timm_loaded_vit_converts_and_returns_what_it_returned(backend, vit_ch
                                      dict(num_experts=np.int64(8), top_k=np.int32(2), num_shared=np.int64(1),
                                           rank=np.int8(2), num_tasks=np.int64(2))], ids=["fc1+fc2-naive", "numpy-ints"])
 def test_convert_passes_the_options_on(options):
-    vit = ak.convert(_tiny_vit(), **{**CONFIG, **options})
+    vit = ak.convert(tiny_vit(), **{**CONFIG, **options})
     mlp = vit.blocks[1].mlp
     for key, value in options.items():
         assert getattr(mlp, key) == value and type(getattr(mlp, key)) in (int, float, str), key
 
 
 def test_target_patterns_name_ffns_or_linears():
-    vit = _tiny_vit()
+    vit = tiny_vit()
     ak.convert(vit, target=["blocks.0.mlp", "blocks.1.mlp.fc*", "head"], **CONFIG)
     assert type(vit.blocks[0].mlp) is ak.ASEMlp
     assert type(vit.blocks[1].mlp.fc1) is ak.MoELoRALinear and type(vit.blocks[1].mlp.fc2) is ak.MoELoRALinear
@@ -82,21 +77,21 @@ def test_target_patterns_name_ffns_or_linears():
 ])
 def test_bad_targets_are_named(target, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        ak.convert(_tiny_vit(), target=target, **CONFIG)
+        ak.convert(tiny_vit(), target=target, **CONFIG)
 
 
 def test_converting_twice_and_bad_options_are_errors():
-    vit = ak.convert(_tiny_vit(), **CONFIG)
+    vit = ak.convert(tiny_vit(), **CONFIG)
     with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1 \(already converted\)"):
         ak.convert(vit, target=["fc1"], **CONFIG)
     with pytest.raises(ValueError, match="found no FFN"):
         ak.convert(vit, **CONFIG)
     with pytest.raises(TypeError, match=r"unknown options \['experts'\]"):
-        ak.convert(_tiny_vit(), experts=8)
+        ak.convert(tiny_vit(), experts=8)
     with pytest.raises(ValueError, match="placement applies to FFN modules, not to the nn.Linear 'head'"):
-        ak.convert(_tiny_vit(), target="head", placement="fc1", **CONFIG)
+        ak.convert(tiny_vit(), target="head", placement="fc1", **CONFIG)
     with pytest.raises(TypeError, match="top_k must be an integer, got float 2.0"):
-        ak.convert(_tiny_vit(), top_k=2.0)
+        ak.convert(tiny_vit(), top_k=2.0)
     with pytest.raises(ValueError, match=r"the model itself \(Linear\) is not one"):
         convert_module(torch.nn.Linear(4, 4), "", CONFIG)
 

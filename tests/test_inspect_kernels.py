@@ -69,23 +69,24 @@ def test_tables_and_json_agree(report):
     assert len(data["host"]["bare_ops"]) >= 4  # fc1, GELU, fc2 forward; at least one GEMM backward
 
 
+def _fails_in_one_line(proc):
+    """The tool exited non-zero with a single 'inspect_kernels: error:' line on stderr."""
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inspect_kernels: error:"), proc.stderr
+
+
 @pytest.mark.parametrize("args", [pytest.param(["--experts", "0"], id="zero-experts"),
                                   pytest.param(["--target", "sm_70"], id="bad-target"),
                                   pytest.param(["--experts", "4", "--top-k", "4", "--shared", "2"], id="k+S>N")])
 def test_bad_options_fail_in_one_line(args):
-    proc = _run(*args, timeout=60)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("inspect_kernels: error:"), proc.stderr
+    _fails_in_one_line(_run(*args, timeout=60))
 
 
 @pytest.mark.parametrize("env", [pytest.param(dict(TRITON_INTERPRET="1"), id="interpreter"),
                                  pytest.param(dict(ASE_KERNELS_BACKEND="torch"), id="torch-backend")])
 def test_environment_that_bypasses_the_kernels_is_refused(env):
-    proc = _run(*SMALL, timeout=60, **env)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("inspect_kernels: error:"), proc.stderr
+    _fails_in_one_line(_run(*SMALL, timeout=60, **env))
 
 
 # (regs, warps, smem bytes) -> programs per SM and limit, as the static H100 analysis computed them

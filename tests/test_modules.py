@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, tiny_vit
 from timm.layers import Mlp
 
 import ase_kernels as ak
@@ -179,13 +179,19 @@ def _checkpointed_vit_grads(vit, images, ids, how: str, checkpointing: bool) -> 
     return {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
 
 
+def _ase_vit(num_tasks):
+    """A two-block ViT with an ASE FFN in every block, its experts and routers randomised, on DEVICE."""
+    mlp = functools.partial(ak.ASEMlp, num_tasks=num_tasks, **CONFIG)
+    vit = tiny_vit(num_classes=4, mlp_layer=mlp).to(DEVICE)
+    for m in ak.ase_modules(vit):
+        _randomise_experts(m)
+    return vit
+
+
 @pytest.mark.parametrize("how", ["timm", "reentrant", "non-reentrant"])
 def test_task_ids_survive_activation_checkpointing(backend, how):
     """Recomputation runs inside backward, after the block: the modules reuse the ids their forward used."""
-    mlp = functools.partial(ak.ASEMlp, num_tasks=3, **CONFIG)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
-    for m in ak.ase_modules(vit):
-        _randomise_experts(m)
+    vit = _ase_vit(num_tasks=3)
     images, ids = torch.randn(3, 3, 32, 32, device=DEVICE), torch.tensor([2, 0, 1], device=DEVICE)
     want = _checkpointed_vit_grads(vit, images, ids, how, checkpointing=False)
     got = _checkpointed_vit_grads(vit, images, ids, how, checkpointing=True)
@@ -198,10 +204,7 @@ def test_task_ids_survive_activation_checkpointing(backend, how):
 
 def test_several_forwards_then_one_backward_recompute_each_with_its_own_ids(backend):
     """One forward per task, one backward of the summed losses: each recomputation takes its own forward's ids."""
-    mlp = functools.partial(ak.ASEMlp, num_tasks=3, **CONFIG)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
-    for m in ak.ase_modules(vit):
-        _randomise_experts(m)
+    vit = _ase_vit(num_tasks=3)
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
     grads = []
     for checkpointing in (False, True):
@@ -219,10 +222,7 @@ def test_several_forwards_then_one_backward_recompute_each_with_its_own_ids(back
 
 
 def test_task_ids_and_checkpointing_under_torch_compile(backend):
-    mlp = functools.partial(ak.ASEMlp, num_tasks=2, **CONFIG)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4, mlp_layer=mlp).to(DEVICE)
-    for m in ak.ase_modules(vit):
-        _randomise_experts(m)
+    vit = _ase_vit(num_tasks=2)
     images, ids = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([1, 0], device=DEVICE)
     want = _checkpointed_vit_grads(vit, images, ids, "timm", checkpointing=False)
     vit.set_grad_checkpointing(True)
