@@ -425,6 +425,7 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
     r_cols = v.shape[1]
     p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
     k = p.shape[1] if base is not None else 0
+    block_r = min(64, next_block(r_cols))
 
     def grid(meta):
         return (cdiv(t, meta["BLOCK_T"]) * cdiv(o, meta["BLOCK_O"]),)
@@ -434,9 +435,9 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
         t, o, k, r_cols,
         *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride(),
         RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
-        PACKED=_packed(bank, min(64, next_block(r_cols))), ACCUMULATE=accumulate, ACTIVATION=_ACTIVATIONS[act],
+        PACKED=_packed(bank, block_r), ACCUMULATE=accumulate, ACTIVATION=_ACTIVATIONS[act],
         PRECISION=dot_precision(out),
-        BLOCK_R=min(64, next_block(r_cols)), GROUP_T=8,
+        BLOCK_R=block_r, GROUP_T=8,
     )
     return out
 

@@ -256,6 +256,8 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
         TOP_K=top_k, NUM_SHARED=num_shared, MODE=_mode(mode), PRECISION=dot_precision(x),
         HAS_DGATES=d_gates is not None, HAS_DPSUM=d_prob_sums is not None, **meta,
     )
-    (d_w,) = weight_grad([(d_z, x)], [torch.empty_like(router_weight)], task_ids=task_ids, task_offsets=task_offsets)
+    # one router: every token is its task's (the ids were range-checked), so no per-token id is read
+    (d_w,) = weight_grad([(d_z, x)], [torch.empty_like(router_weight)], task_ids=task_ids if tasks > 1 else None,
+                         task_offsets=task_offsets)
     return d_x, d_w
 
