@@ -23,14 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoints import read_checkpoint, read_latest, rng_state, save_atomic, set_rng_state, write_text_atomic
+from .checkpoints import read_latest, rng_state, save_atomic, set_rng_state, write_text_atomic
 from .data import DataError, PascalContextMT
 from .errors import UserError
 from .evaluate import evaluate, flatten, metrics_table
 from .losses import LOSS_WEIGHTS, multi_task_loss
 from .metrics import delta_m, load_reference
 from .model import build_model, load_pretrained
-from .options import resolve_args, resume_changes
+from .options import resolve, resolve_args, resume_changes
 from .rundir import RunDir
 from .synthetic_store import ensure_synthetic
 
@@ -456,8 +456,8 @@ def say(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def evaluate_only(args) -> dict:
-    state = read_checkpoint(args.eval_only)
+def evaluate_only(args, state: dict) -> dict:
+    """Evaluate the checkpoint args.eval_only, whose state `resolve` read."""
     trainer = Trainer(args)
     trainer.load(state, training=False, path=args.eval_only)
     results = trainer.evaluate()
@@ -510,9 +510,9 @@ def main(argv=None) -> dict:
     """The command line; exit status 2 for a user error, 128 + N after signal N (SIGTERM 143, SIGINT 130) once
     last.pt is saved."""
     try:
-        args = resolve_args(argv)
+        args, evaluated = resolve(argv)
         if args.eval_only:
-            results = evaluate_only(args)
+            results = evaluate_only(args, evaluated)
         else:
             results, args = train(argv, args)
     except UserError as e:
