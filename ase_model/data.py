@@ -208,6 +208,7 @@ class PascalContextMT(Dataset):
     def files(self, index: int) -> list[str]:
         """The files `load(index)` reads (semseg: the VOC12 annotation where it exists, else pascal-context's)."""
         i = self.ids[index]
+        # the reference loaders take the VOC 2012 annotation where an image has one (its masks are finer)
         semseg = self._path("semseg", "VOC12", f"{i}.png")
         if not os.path.exists(semseg):
             semseg = self._path("semseg", "pascal-context", f"{i}.png")
@@ -218,22 +219,19 @@ class PascalContextMT(Dataset):
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The decoded labels of one image at full resolution (numpy, before any resize)."""
         i = self.ids[index]
-        image = np.asarray(_open(self._path("JPEGImages", f"{i}.jpg")).convert("RGB"))
+        image_path, semseg_path, context_path, normals_path, sal_path, parts_path = self.files(index)
+        image = np.asarray(_open(image_path).convert("RGB"))
         shape = image.shape[:2]
-        # the reference loaders take the VOC 2012 annotation where an image has one (its masks are finer)
-        semseg_path = self._path("semseg", "VOC12", f"{i}.png")
-        if not os.path.exists(semseg_path):
-            semseg_path = self._path("semseg", "pascal-context", f"{i}.png")
         semseg = np.asarray(_open(semseg_path))
-        context = _loadmat(self._path("pascal-context", "trainval", f"{i}.mat")).get("LabelMap")
+        context = _loadmat(context_path).get("LabelMap")
         if context is None:
-            raise DataError(f"{self._path('pascal-context', 'trainval', f'{i}.mat')}: no 'LabelMap'")
-        normals = np.asarray(_open(self._path("normals_distill", f"{i}.png")).convert("RGB")).astype(np.float32)
+            raise DataError(f"{context_path}: no 'LabelMap'")
+        normals = np.asarray(_open(normals_path).convert("RGB")).astype(np.float32)
         normals = 2.0 * normals / 255.0 - 1.0
         if self.normals_valid is not None:
             normals[~np.isin(context, self.normals_valid)] = IGNORE
-        sal = (np.asarray(_open(self._path("sal_distill", f"{i}.png")).convert("L")) / 255.0 > 0.5).astype(np.uint8)
-        parts = decode_human_parts(self._path("human_parts", f"{i}.mat"), shape)
+        sal = (np.asarray(_open(sal_path).convert("L")) / 255.0 > 0.5).astype(np.uint8)
+        parts = decode_human_parts(parts_path, shape)
         out = dict(image=image, semseg=semseg, human_parts=parts, sal=sal, normals=normals,
                    edge=edges_from_context(context))
         for name, value in out.items():
