@@ -276,6 +276,15 @@ def _resize(image, labels, normals, size):
     return image, labels, normals
 
 
+def _hflip(image, labels, normals):
+    """Everything mirrored left to right; the normals' x turns with it (invalid normals stay IGNORE)."""
+    image, normals = image.flip(-1), normals.flip(-1).clone()
+    labels = {k: v.flip(-1) for k, v in labels.items()}
+    valid = normals[0] != IGNORE
+    normals[0, valid] = -normals[0, valid]
+    return image, labels, normals
+
+
 def _augment(image, labels, normals, size, rng, scale_range):
     """Random scale, random crop (padded with IGNORE), horizontal flip (which mirrors the normals' x)."""
     h, w = image.shape[1:]
@@ -293,10 +302,7 @@ def _augment(image, labels, normals, size, rng, scale_range):
     image, normals = image[:, crop[0], crop[1]], normals[:, crop[0], crop[1]]
     labels = {k: v[crop] for k, v in labels.items()}
     if rng.random() < 0.5:
-        image, normals = image.flip(-1), normals.flip(-1).clone()
-        labels = {k: v.flip(-1) for k, v in labels.items()}
-        valid = normals[0] != IGNORE
-        normals[0, valid] = -normals[0, valid]
+        image, labels, normals = _hflip(image, labels, normals)
     return image.contiguous(), {k: v.contiguous() for k, v in labels.items()}, normals.contiguous()
 
 
@@ -335,10 +341,7 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     labels; normals there are invalid, and a parts map left without any part becomes all IGNORE (AddIgnoreRegions)."""
     h, w = image.shape[1:]
     if rng.random() < 0.5:
-        image, normals = image.flip(-1), normals.flip(-1).clone()
-        labels = {k: v.flip(-1) for k, v in labels.items()}
-        valid = normals[0] != IGNORE
-        normals[0, valid] = -normals[0, valid]
+        image, labels, normals = _hflip(image, labels, normals)
     lo, hi = scale_range
     angle = 2 * max_rotation * rng.random() - max_rotation
     scale = (hi - lo) * rng.random() - (hi - lo) / 2 + (hi + lo) / 2
