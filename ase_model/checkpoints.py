@@ -75,13 +75,13 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def read_latest(path: str, log, repair: bool = False) -> tuple[str, dict]:
-    """(the file read, its state): path, or previous_path(path) with a message when path is damaged or missing.
+def read_latest(path: str, log, repair: bool = False) -> dict:
+    """The state in path, or in previous_path(path) with a message when path is damaged or missing.
     repair (one process of a run): the damaged file moves to previous_path(path, "damaged") and path becomes the
     previous checkpoint again, so that the next save keeps a readable file as its previous one."""
     prev = previous_path(path)
     try:
-        return path, read_checkpoint(path)
+        return read_checkpoint(path)
     except UserError as damaged:
         if not os.path.exists(prev):
             raise
@@ -95,7 +95,7 @@ def read_latest(path: str, log, repair: bool = False) -> tuple[str, dict]:
             os.link(prev, link)
             os.replace(link, path)
             _sync_directory(os.path.dirname(os.path.abspath(path)))
-        return prev, state
+        return state
 
 
 def rng_state() -> dict:

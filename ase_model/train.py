@@ -478,7 +478,7 @@ def train(argv, args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
         path = run.checkpoint(args.resume, args.overwrite)
         state, notes = None, []
         if path is not None:
-            path, state = read_latest(path, say, repair=int(os.environ.get("RANK", "0")) == 0)
+            state = read_latest(path, say, repair=int(os.environ.get("RANK", "0")) == 0)
             args = resolve_args(argv, resumed=state["args"])
             notes = resume_changes(args, state["args"])
         trainer = Trainer(args, run, state, notes)
