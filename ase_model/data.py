@@ -363,9 +363,7 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     normals[:, ~inside] = IGNORE
     out = {}
     for k, v in labels.items():
-        had_labels = bool((v != IGNORE).any())
-        v = _warp(v[None], src, "nearest")[0]
-        if k == "human_parts" and (not had_labels or (v == 0).all()):
-            v = torch.full_like(v, IGNORE)
-        out[k] = v
+        out[k] = _warp(v[None], src, "nearest")[0]
+        if k == "human_parts" and ((v == IGNORE).all() or (out[k] == 0).all()):
+            out[k] = torch.full_like(out[k], IGNORE)
     return image.contiguous(), out, normals.contiguous()
