@@ -111,12 +111,13 @@ class Trainer:
         seed_everything(args.seed)
         root = args.data
         if root is None:
-            size = args.synthetic_size
+            synthetic = (args.synthetic_dir, *args.synthetic_size, args.seed)
             if self.main:
-                ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
+                root = ensure_synthetic(*synthetic)
             if self.world > 1:
                 dist.barrier()
-            root = ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
+            if not self.main:  # after rank 0 made it: found (a shared file system) or made here (a node's own)
+                root = ensure_synthetic(*synthetic)
         try:
             self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
             self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
