@@ -288,15 +288,16 @@ class Trainer:
             rows = torch.cat([rows, flag], 1)
             dist.all_reduce(rows)
             rows = rows / self.world
-            stop = rows[-1, -1].item()
-            rows = rows[:, :-1]
-            if stop:
+        rows = rows.tolist()  # the one read from the device
+        if self.world > 1:
+            if rows[-1][-1]:  # some rank received a signal
                 self.agreed_signal = self.signal or signal.SIGTERM
-        first = self.step - rows.shape[0] + 1
-        for i, row in enumerate(rows.tolist()):
+            rows = [row[:-1] for row in rows]
+        first = self.step - len(rows) + 1
+        last = os.path.join(self.args.output, "last.pt")
+        for i, row in enumerate(rows):
             *values, norm = row
             stats = dict(zip(self.stat_names, values, strict=True))
-            last = os.path.join(self.args.output, "last.pt")
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(
                     f"non-finite loss ({stats['loss']}) at step {first + i} (epoch {self.epoch}); task losses "
