@@ -52,6 +52,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def rank_zero() -> bool:
+    """Whether this is rank 0 of a torchrun job or the only process (before or without `setup_distributed`)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -454,7 +459,7 @@ class Trainer:
 
 
 def say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         print(msg, file=sys.stderr)
 
 
@@ -474,13 +479,13 @@ def evaluate_only(args, state: dict) -> dict:
 
 def train(argv, args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
     run = RunDir(args.output)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         run.lock()
     try:
         path = run.checkpoint(args.resume, args.overwrite)
         state, notes = None, []
         if path is not None:
-            state = read_latest(path, say, repair=int(os.environ.get("RANK", "0")) == 0)
+            state = read_latest(path, say, repair=rank_zero())
             args = resolve_args(argv, resumed=state["args"])
             notes = resume_changes(args, state["args"])
         trainer = Trainer(args, run, state, notes)
@@ -523,7 +528,7 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         say("interrupted")
         raise SystemExit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         print(metrics_table(results, args.reference))
     if dist.is_initialized():
         dist.destroy_process_group()
