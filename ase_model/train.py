@@ -111,8 +111,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if args.batch_size % self.world:
             raise UserError(f"--batch-size {args.batch_size} must divide over {self.world} processes")
-        if args.workers is None:
-            args.workers = min(8, os.cpu_count() or 1) if cuda else 0
+        # the default is this machine's, kept out of args and so out of the checkpoint (as --amp auto is): a run
+        # resumed on another machine takes that machine's default, not the first machine's
+        self.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
         seed_everything(args.seed)
         root = args.data
         if root is None:
@@ -254,7 +255,7 @@ class Trainer:
         sampler.set_epoch(epoch)
         indices = list(sampler)
         batches = [indices[i * self.per_rank:(i + 1) * self.per_rank] for i in range(self.steps_per_epoch)]
-        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.args.workers,
+        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.workers,
                           pin_memory=self.device.type == "cuda")
 
     def train_step(self, batch) -> torch.Tensor:
@@ -439,7 +440,7 @@ class Trainer:
     def evaluate(self, edge_ods: bool = True) -> dict:
         """The validation metrics; the edge odsF (slow: boundary matching) where edge_ods, else the edge BCE."""
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
-                        workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main,
+                        workers=self.workers, amp=self.amp, reference=self.args.reference, show=self.main,
                         edge_ods=edge_ods, eval_workers=self.args.eval_workers,
                         edge_thresholds=self.args.edge_thresholds)
 

@@ -345,6 +345,16 @@ def test_resume_applies_a_changed_schedule_and_says_so(tiny, tmp_path, capsys):
     assert (config["lr"], config["epochs"], config["num_experts"]) == (1e-5, 3, 8)  # what ran
 
 
+def test_the_default_worker_count_is_the_machine_s_not_the_run_s(tiny, tmp_path):
+    """Without --workers each machine takes its own default (8 on CUDA, 0 on a CPU): the options a checkpoint saves
+    keep it unset, so a run started on CUDA and resumed on a CPU does not start 8 loader processes there."""
+    trainer = train.Trainer(options.resolve_args(tiny + ["--output", str(tmp_path / "run")]))
+    assert trainer.args.workers is None
+    assert trainer.workers == (min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0)
+    resumed = options.resolve_args(["--output", str(tmp_path / "run"), "--resume"], resumed=vars(trainer.args))
+    assert resumed.workers is None
+
+
 def _save_backbone(tiny, path, seed=0):
     """A ViT weight file that fits the tiny model (what a user passes as --pretrained)."""
     from safetensors.torch import save_file
