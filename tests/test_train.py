@@ -78,7 +78,6 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, whole, tmp_path, capsys):
     train.main(["--output", parts, "--no-plots", "--resume"])
     assert "WARNING: no --pretrained" in capsys.readouterr().err
     _assert_same_run(whole, parts, "after resume")
-    a = _params(whole)
 
     # a crash in the middle of an epoch: the run continues from its last periodic checkpoint (step 3)
     crashed, real_step, calls = str(tmp_path / "crashed"), train.Trainer.train_step, []
@@ -95,9 +94,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, whole, tmp_path, capsys):
             train.main(tiny + ["--output", crashed, "--no-plots", "--checkpoint-every", "3"])
     assert torch.load(os.path.join(crashed, "last.pt"), weights_only=False)["step"] == 3
     train.main(["--output", crashed, "--no-plots", "--resume"])
-    c = _params(crashed)
-    for k in a:
-        assert torch.equal(a[k], c[k]), f"{k} differs after the crash and resume"
+    _assert_same_run(whole, crashed, "after the crash and resume")
 
 
 def test_two_gloo_processes_match_one_process(tiny, tmp_path):
@@ -259,7 +256,7 @@ def _user_error(argv, capsys, *expected, mid_run=False):
     assert "Traceback" not in "".join(err), err
     if mid_run:
         err = err[-1:]
-    assert 1 <= len(err) <= 2 and "Traceback" not in "".join(err), err
+    assert 1 <= len(err) <= 2, err
     for text in expected:
         assert text in "\n".join(err), (text, err)
 
@@ -428,8 +425,8 @@ def _copy_of_the_data(tiny, tmp_path):
 
     from ase_model.synthetic_store import ensure_synthetic
 
-    syn = tiny[tiny.index("--synthetic-dir") + 1]
-    root = ensure_synthetic(syn, 16, 4, 32, 0)
+    args = options.resolve_args(tiny)
+    root = ensure_synthetic(args.synthetic_dir, *args.synthetic_size, args.seed)
     copy = str(tmp_path / "data")
     shutil.copytree(root, copy)
     return copy
