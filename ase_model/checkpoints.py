@@ -28,6 +28,18 @@ def _sync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _link_atomic(source: str, target: str, link: str) -> None:
+    """target becomes a hard link to source in one rename, through the temporary name link, which is removed if
+    that fails."""
+    try:
+        os.link(source, link)
+        os.replace(link, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        raise
+
+
 def write_atomic(path: str, write, keep_previous: bool = False) -> None:
     """Call write(file) on a temporary file of a unique name in path's directory, flush it to disk, rename it to
     path and flush the directory: a crash or a power cut leaves the old file or the new one, and concurrent writers
@@ -41,15 +53,12 @@ def write_atomic(path: str, write, keep_previous: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and os.path.exists(path):
-            link = f"{tmp}.prev"
-            os.link(path, link)
-            os.replace(link, previous_path(path))
+            _link_atomic(path, previous_path(path), f"{tmp}.prev")
         os.replace(tmp, path)
         _sync_directory(directory)
     except BaseException:
-        for leftover in (tmp, f"{tmp}.prev"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(leftover)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
 
 
@@ -75,13 +84,13 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def read_latest(path: str, log, repair: bool = False) -> tuple[str, dict]:
-    """(the file read, its state): path, or previous_path(path) with a message when path is damaged or missing.
+def read_latest(path: str, log, repair: bool = False) -> dict:
+    """The state in path, or in previous_path(path) with a message when path is damaged or missing.
     repair (one process of a run): the damaged file moves to previous_path(path, "damaged") and path becomes the
     previous checkpoint again, so that the next save keeps a readable file as its previous one."""
     prev = previous_path(path)
     try:
-        return path, read_checkpoint(path)
+        return read_checkpoint(path)
     except UserError as damaged:
         if not os.path.exists(prev):
             raise
@@ -91,11 +100,9 @@ def read_latest(path: str, log, repair: bool = False) -> tuple[str, dict]:
             if os.path.exists(path):
                 os.replace(path, previous_path(path, "damaged"))
                 log(f"the damaged file is kept as {previous_path(path, 'damaged')}")
-            link = f"{prev}.{os.getpid()}.tmp"
-            os.link(prev, link)
-            os.replace(link, path)
+            _link_atomic(prev, path, f"{prev}.{os.getpid()}.tmp")
             _sync_directory(os.path.dirname(os.path.abspath(path)))
-        return prev, state
+        return state
 
 
 def rng_state() -> dict:

@@ -208,6 +208,7 @@ class PascalContextMT(Dataset):
     def files(self, index: int) -> list[str]:
         """The files `load(index)` reads (semseg: the VOC12 annotation where it exists, else pascal-context's)."""
         i = self.ids[index]
+        # the reference loaders take the VOC 2012 annotation where an image has one (its masks are finer)
         semseg = self._path("semseg", "VOC12", f"{i}.png")
         if not os.path.exists(semseg):
             semseg = self._path("semseg", "pascal-context", f"{i}.png")
@@ -218,22 +219,19 @@ class PascalContextMT(Dataset):
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The decoded labels of one image at full resolution (numpy, before any resize)."""
         i = self.ids[index]
-        image = np.asarray(_open(self._path("JPEGImages", f"{i}.jpg")).convert("RGB"))
+        image_path, semseg_path, context_path, normals_path, sal_path, parts_path = self.files(index)
+        image = np.asarray(_open(image_path).convert("RGB"))
         shape = image.shape[:2]
-        # the reference loaders take the VOC 2012 annotation where an image has one (its masks are finer)
-        semseg_path = self._path("semseg", "VOC12", f"{i}.png")
-        if not os.path.exists(semseg_path):
-            semseg_path = self._path("semseg", "pascal-context", f"{i}.png")
         semseg = np.asarray(_open(semseg_path))
-        context = _loadmat(self._path("pascal-context", "trainval", f"{i}.mat")).get("LabelMap")
+        context = _loadmat(context_path).get("LabelMap")
         if context is None:
-            raise DataError(f"{self._path('pascal-context', 'trainval', f'{i}.mat')}: no 'LabelMap'")
-        normals = np.asarray(_open(self._path("normals_distill", f"{i}.png")).convert("RGB")).astype(np.float32)
+            raise DataError(f"{context_path}: no 'LabelMap'")
+        normals = np.asarray(_open(normals_path).convert("RGB")).astype(np.float32)
         normals = 2.0 * normals / 255.0 - 1.0
         if self.normals_valid is not None:
             normals[~np.isin(context, self.normals_valid)] = IGNORE
-        sal = (np.asarray(_open(self._path("sal_distill", f"{i}.png")).convert("L")) / 255.0 > 0.5).astype(np.uint8)
-        parts = decode_human_parts(self._path("human_parts", f"{i}.mat"), shape)
+        sal = (np.asarray(_open(sal_path).convert("L")) / 255.0 > 0.5).astype(np.uint8)
+        parts = decode_human_parts(parts_path, shape)
         out = dict(image=image, semseg=semseg, human_parts=parts, sal=sal, normals=normals,
                    edge=edges_from_context(context))
         for name, value in out.items():
@@ -278,6 +276,15 @@ def _resize(image, labels, normals, size):
     return image, labels, normals
 
 
+def _hflip(image, labels, normals):
+    """Everything mirrored left to right; the normals' x turns with it (invalid normals stay IGNORE)."""
+    image, normals = image.flip(-1), normals.flip(-1).clone()
+    labels = {k: v.flip(-1) for k, v in labels.items()}
+    valid = normals[0] != IGNORE
+    normals[0, valid] = -normals[0, valid]
+    return image, labels, normals
+
+
 def _augment(image, labels, normals, size, rng, scale_range):
     """Random scale, random crop (padded with IGNORE), horizontal flip (which mirrors the normals' x)."""
     h, w = image.shape[1:]
@@ -295,10 +302,7 @@ def _augment(image, labels, normals, size, rng, scale_range):
     image, normals = image[:, crop[0], crop[1]], normals[:, crop[0], crop[1]]
     labels = {k: v[crop] for k, v in labels.items()}
     if rng.random() < 0.5:
-        image, normals = image.flip(-1), normals.flip(-1).clone()
-        labels = {k: v.flip(-1) for k, v in labels.items()}
-        valid = normals[0] != IGNORE
-        normals[0, valid] = -normals[0, valid]
+        image, labels, normals = _hflip(image, labels, normals)
     return image.contiguous(), {k: v.contiguous() for k, v in labels.items()}, normals.contiguous()
 
 
@@ -337,10 +341,7 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     labels; normals there are invalid, and a parts map left without any part becomes all IGNORE (AddIgnoreRegions)."""
     h, w = image.shape[1:]
     if rng.random() < 0.5:
-        image, normals = image.flip(-1), normals.flip(-1).clone()
-        labels = {k: v.flip(-1) for k, v in labels.items()}
-        valid = normals[0] != IGNORE
-        normals[0, valid] = -normals[0, valid]
+        image, labels, normals = _hflip(image, labels, normals)
     lo, hi = scale_range
     angle = 2 * max_rotation * rng.random() - max_rotation
     scale = (hi - lo) * rng.random() - (hi - lo) / 2 + (hi + lo) / 2
@@ -362,9 +363,7 @@ def _augment_reference(image, labels, normals, size, rng, scale_range, max_rotat
     normals[:, ~inside] = IGNORE
     out = {}
     for k, v in labels.items():
-        had_labels = bool((v != IGNORE).any())
-        v = _warp(v[None], src, "nearest")[0]
-        if k == "human_parts" and (not had_labels or (v == 0).all()):
-            v = torch.full_like(v, IGNORE)
-        out[k] = v
+        out[k] = _warp(v[None], src, "nearest")[0]
+        if k == "human_parts" and ((v == IGNORE).all() or (out[k] == 0).all()):
+            out[k] = torch.full_like(out[k], IGNORE)
     return image.contiguous(), out, normals.contiguous()

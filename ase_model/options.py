@@ -232,6 +232,12 @@ def resolve_args(argv=None, resumed: dict | None = None) -> argparse.Namespace:
     """preset < the checkpoint's options (its model and data for --eval-only; all but RUN_CONTROL for `resumed`,
     the options of the checkpoint a --resume continues) < config file < command line; every option ends with a
     valid value."""
+    return resolve(argv, resumed)[0]
+
+
+def resolve(argv=None, resumed: dict | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """The options of `resolve_args`, and the --eval-only checkpoint they took the model and data from (None
+    without --eval-only): the evaluation loads its weights from it instead of reading the file again."""
     p = parser()
     first, _ = p.parse_known_args(argv)
     cfg = {}
@@ -246,16 +252,16 @@ def resolve_args(argv=None, resumed: dict | None = None) -> argparse.Namespace:
         unknown = set(cfg) - {a.dest for a in p._actions}
         if unknown:
             p.error(f"{first.config}: unknown options {sorted(unknown)}")
-    saved = {}
+    saved, evaluated = {}, None
     known = {a.dest for a in p._actions}
     if first.eval_only:
         from .checkpoints import read_checkpoint
 
         try:
-            saved = read_checkpoint(first.eval_only)["args"]
+            evaluated = read_checkpoint(first.eval_only)
         except UserError as e:
             p.error(f"--eval-only: {e}")
-        saved = {k: saved[k] for k in CHECKPOINT_OPTIONS if k in saved}
+        saved = {k: evaluated["args"][k] for k in CHECKPOINT_OPTIONS if k in evaluated["args"]}
     elif resumed:
         saved = {k: v for k, v in resumed.items() if k in known and k not in RUN_CONTROL}
     preset = first.preset or cfg.get("preset") or saved.get("preset") or "tiny"
@@ -264,4 +270,4 @@ def resolve_args(argv=None, resumed: dict | None = None) -> argparse.Namespace:
     p.set_defaults(**(PRESETS[preset] | saved | cfg | {"preset": preset}))
     args = p.parse_args(argv)
     validate(p, args)
-    return args
+    return args, evaluated

@@ -56,9 +56,9 @@ class RunDir:
         another run that this one must not mix with."""
         entries = self.entries()
         if resume:
-            for name in CHECKPOINTS:
-                if name in entries:
-                    return os.path.join(self.path, name)
+            if any(name in entries for name in CHECKPOINTS):
+                # also when only last.prev.pt is left: read_latest falls back to it, with a message
+                return os.path.join(self.path, "last.pt")
             if entries:
                 raise UserError(f"--resume: {self.path} holds {', '.join(entries[:5])} but no last.pt to resume "
                                 "from; start it anew with --overwrite or choose another --output")

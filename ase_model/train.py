@@ -23,14 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoints import read_checkpoint, read_latest, rng_state, save_atomic, set_rng_state, write_text_atomic
+from .checkpoints import read_latest, rng_state, save_atomic, set_rng_state, write_text_atomic
 from .data import DataError, PascalContextMT
 from .errors import UserError
 from .evaluate import evaluate, flatten, metrics_table
 from .losses import LOSS_WEIGHTS, multi_task_loss
 from .metrics import delta_m, load_reference
 from .model import build_model, load_pretrained
-from .options import resolve_args, resume_changes
+from .options import resolve, resolve_args, resume_changes
 from .rundir import RunDir
 from .synthetic_store import ensure_synthetic
 
@@ -50,6 +50,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def rank_zero() -> bool:
+    """Whether this is rank 0 of a torchrun job or the only process (before or without `setup_distributed`)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -106,17 +111,19 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if args.batch_size % self.world:
             raise UserError(f"--batch-size {args.batch_size} must divide over {self.world} processes")
-        if args.workers is None:
-            args.workers = min(8, os.cpu_count() or 1) if cuda else 0
+        # the default is this machine's, kept out of args and so out of the checkpoint (as --amp auto is): a run
+        # resumed on another machine takes that machine's default, not the first machine's
+        self.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
         seed_everything(args.seed)
         root = args.data
         if root is None:
-            size = args.synthetic_size
+            synthetic = (args.synthetic_dir, *args.synthetic_size, args.seed)
             if self.main:
-                ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
+                root = ensure_synthetic(*synthetic)
             if self.world > 1:
                 dist.barrier()
-            root = ensure_synthetic(args.synthetic_dir, size[0], size[1], size[2], args.seed)
+            if not self.main:  # after rank 0 made it: found (a shared file system) or made here (a node's own)
+                root = ensure_synthetic(*synthetic)
         try:
             self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
             self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
@@ -248,7 +255,7 @@ class Trainer:
         sampler.set_epoch(epoch)
         indices = list(sampler)
         batches = [indices[i * self.per_rank:(i + 1) * self.per_rank] for i in range(self.steps_per_epoch)]
-        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.args.workers,
+        return DataLoader(self.train_set, batch_sampler=batches[start:], num_workers=self.workers,
                           pin_memory=self.device.type == "cuda")
 
     def train_step(self, batch) -> torch.Tensor:
@@ -287,15 +294,16 @@ class Trainer:
             rows = torch.cat([rows, flag], 1)
             dist.all_reduce(rows)
             rows = rows / self.world
-            stop = rows[-1, -1].item()
-            rows = rows[:, :-1]
-            if stop:
+        rows = rows.tolist()  # the one read from the device
+        if self.world > 1:
+            if rows[-1][-1]:  # some rank received a signal
                 self.agreed_signal = self.signal or signal.SIGTERM
-        first = self.step - rows.shape[0] + 1
-        for i, row in enumerate(rows.tolist()):
+            rows = [row[:-1] for row in rows]
+        first = self.step - len(rows) + 1
+        last = os.path.join(self.args.output, "last.pt")
+        for i, row in enumerate(rows):
             *values, norm = row
             stats = dict(zip(self.stat_names, values, strict=True))
-            last = os.path.join(self.args.output, "last.pt")
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(
                     f"non-finite loss ({stats['loss']}) at step {first + i} (epoch {self.epoch}); task losses "
@@ -432,7 +440,7 @@ class Trainer:
     def evaluate(self, edge_ods: bool = True) -> dict:
         """The validation metrics; the edge odsF (slow: boundary matching) where edge_ods, else the edge BCE."""
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
-                        workers=self.args.workers, amp=self.amp, reference=self.args.reference, show=self.main,
+                        workers=self.workers, amp=self.amp, reference=self.args.reference, show=self.main,
                         edge_ods=edge_ods, eval_workers=self.args.eval_workers,
                         edge_thresholds=self.args.edge_thresholds)
 
@@ -452,12 +460,12 @@ class Trainer:
 
 
 def say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         print(msg, file=sys.stderr)
 
 
-def evaluate_only(args) -> dict:
-    state = read_checkpoint(args.eval_only)
+def evaluate_only(args, state: dict) -> dict:
+    """Evaluate the checkpoint args.eval_only, whose state `resolve` read."""
     trainer = Trainer(args)
     trainer.load(state, training=False, path=args.eval_only)
     results = trainer.evaluate()
@@ -472,13 +480,13 @@ def evaluate_only(args) -> dict:
 
 def train(argv, args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
     run = RunDir(args.output)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         run.lock()
     try:
         path = run.checkpoint(args.resume, args.overwrite)
         state, notes = None, []
         if path is not None:
-            path, state = read_latest(path, say, repair=int(os.environ.get("RANK", "0")) == 0)
+            state = read_latest(path, say, repair=rank_zero())
             args = resolve_args(argv, resumed=state["args"])
             notes = resume_changes(args, state["args"])
         trainer = Trainer(args, run, state, notes)
@@ -510,9 +518,9 @@ def main(argv=None) -> dict:
     """The command line; exit status 2 for a user error, 128 + N after signal N (SIGTERM 143, SIGINT 130) once
     last.pt is saved."""
     try:
-        args = resolve_args(argv)
+        args, evaluated = resolve(argv)
         if args.eval_only:
-            results = evaluate_only(args)
+            results = evaluate_only(args, evaluated)
         else:
             results, args = train(argv, args)
     except UserError as e:
@@ -521,7 +529,7 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         say("interrupted")
         raise SystemExit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         print(metrics_table(results, args.reference))
     if dist.is_initialized():
         dist.destroy_process_group()

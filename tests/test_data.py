@@ -307,12 +307,10 @@ def test_reference_augmentation_pads_like_warp_affine():
     labels["human_parts"][:] = IGNORE  # an image without a person
     normals = torch.nn.functional.normalize(torch.randn(3, h, w), dim=0)
     # a 20-degree rotation at scale 0.75: the corners come from outside the canvas
-    _, out, turned = _augment_reference(torch.randn(3, h, w), labels, normals, 10, _Draws(0.9, 1.0, 0.0),
-                                        (0.75, 1.25), 20.0)
+    image, out, turned = _augment_reference(torch.randn(3, h, w), labels, normals, 10, _Draws(0.9, 1.0, 0.0),
+                                            (0.75, 1.25), 20.0)
     corner = (0, 0)
     black = torch.from_numpy(-MEAN / STD)
-    image, _, _ = _augment_reference(torch.randn(3, h, w), labels, normals, 10, _Draws(0.9, 1.0, 0.0),
-                                     (0.75, 1.25), 20.0)
     torch.testing.assert_close(image[:, 0, 0], black, msg="the image is padded black, as the raw image was")
     assert out["semseg"][corner] == 0 and out["sal"][corner] == 0 and out["edge"][corner] == 0
     assert (turned[:, 0, 0] == IGNORE).all(), "normals from outside the canvas are invalid"
