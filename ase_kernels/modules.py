@@ -35,6 +35,20 @@ class LoRAExperts(nn.Module):
         return f"num_experts={n}, rank={r}, in_features={d_in}, out_features={self.B.shape[1]}"
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), known by name so that transformers need not be imported: a Linear whose
+    weight is stored transposed, (d_in, d_out), computing ``addmm(bias, x, weight)``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (d_out, d_in) weight of an nn.Linear, or of a transformers Conv1D as a transposed view (no copy: the ops
+    read weights through their strides); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.T if is_conv1d(module) else None
+
+
 class _LastForward:
     """What a module's last forward leaves for the losses and logs: routing tensors of an autograd graph. A copy
     or a pickle of the module starts without them (deepcopy refuses non-leaf tensors)."""
@@ -144,9 +158,11 @@ class MoELoRALinear(_Routed):
     """A frozen ``nn.Linear`` plus a routed mixture of LoRA experts: ``y = base(x) + scale * sum_i g_i B_i A_i x``.
 
     The base layer is frozen here (``requires_grad_(False)``); its product and the experts run as one fused op.
+    transformers' ``Conv1D`` (GPT-2's projections, weight stored (d_in, d_out)) is taken as well: the ops get its
+    weight as a transposed view (``weight.T``, no copy), which every backend reads through its strides.
 
     Args:
-        base: the nn.Linear to adapt (d_in -> d_out).
+        base: the nn.Linear (or transformers Conv1D) to adapt (d_in -> d_out).
         num_experts, top_k, num_shared, rank: N, k, S, r.
         num_tasks: task-specific routers; forward then takes ``task_ids``.
         mode: ``adaptive`` | ``naive`` | ``none``. alpha: LoRA alpha, scale = alpha / r (default alpha = r).
@@ -159,22 +175,22 @@ class MoELoRALinear(_Routed):
         True
     """
 
-    def __init__(self, base: nn.Linear, num_experts: int = 32, top_k: int = 6, num_shared: int = 2, rank: int = 2,
+    def __init__(self, base: nn.Module, num_experts: int = 32, top_k: int = 6, num_shared: int = 2, rank: int = 2,
                  num_tasks: int = 1, mode: str = "adaptive", alpha: float | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        w = base.weight
+        w = linear_weight(base)
+        if w is None:
+            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        d_out, d_in = w.shape
         self.base = base.requires_grad_(False)
-        self._init_routing(base.in_features, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode,
-                           w.device, w.dtype)
-        self.experts = LoRAExperts(num_experts, rank, base.in_features, base.out_features, w.device, w.dtype)
+        self._init_routing(d_in, num_experts, top_k, num_shared, rank, alpha, num_tasks, mode, w.device, w.dtype)
+        self.experts = LoRAExperts(num_experts, rank, d_in, d_out, w.device, w.dtype)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., d_in); task_ids: (T,) or one per leading batch row, or None. Returns (..., d_out)."""
         routing = self._route(x, task_ids)
         return moe_lora(x, self.experts.A, self.experts.B, routing, self.scale, base_input=x,
-                        base_weight=self.base.weight, base_bias=self.base.bias)
+                        base_weight=linear_weight(self.base), base_bias=self.base.bias)
 
     def extra_repr(self) -> str:
         return self._routing_repr()
@@ -320,6 +336,14 @@ def _recomputing() -> bool:
 def ase_modules(model: nn.Module) -> Iterator[_Routed]:
     """The ASE modules (ASEMlp, MoELoRALinear, ASEFFN) inside model, in registration order."""
     return (m for m in model.modules() if isinstance(m, _Routed))
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The routers and experts of model's ASE modules, by their ``state_dict`` name: what ``ak.save_adapters``
+    writes (the frozen bases inside the modules are not among them)."""
+    names = {m: n for n, m in model.named_modules()}
+    return {f"{names[m]}.{p}" if names[m] else p: t for m in ase_modules(model) for p, t in m.named_parameters()
+            if p == "router" or p.startswith("experts.")}
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ IDS = torch.tensor([2, 0])
 
 def _vit(seed=0):
     torch.manual_seed(seed)  # the same seed, the same "pretrained" base weights
-    return tiny_vit().eval()
+    return tiny_vit().eval().requires_grad_(False)  # a frozen backbone: only the adapters train
 
 
 def _trained(model):

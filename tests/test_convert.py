@@ -12,6 +12,11 @@ from ase_kernels.convert import convert_module
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2)
 
 
+def _vit():
+    """A frozen tiny ViT, as a user converts it: only what convert adds trains."""
+    return tiny_vit().requires_grad_(False)
+
+
 def _equal_or_close(backend, name, want, got):
     """The torch path computes a fresh ASE module's base exactly as nn.Linear does; the fused kernels accumulate in
     another order, so they agree to fp32 rounding."""
@@ -54,14 +59,14 @@ def test_a_timm_loaded_vit_converts_and_returns_what_it_returned(backend, vit_ch
                                      dict(num_experts=np.int64(8), top_k=np.int32(2), num_shared=np.int64(1),
                                           rank=np.int8(2), num_tasks=np.int64(2))], ids=["fc1+fc2-naive", "numpy-ints"])
 def test_convert_passes_the_options_on(options):
-    vit = ak.convert(tiny_vit(), **{**CONFIG, **options})
+    vit = ak.convert(_vit(), **{**CONFIG, **options})
     mlp = vit.blocks[1].mlp
     for key, value in options.items():
         assert getattr(mlp, key) == value and type(getattr(mlp, key)) in (int, float, str), key
 
 
 def test_target_patterns_name_ffns_or_linears():
-    vit = tiny_vit()
+    vit = _vit()
     ak.convert(vit, target=["blocks.0.mlp", "blocks.1.mlp.fc*", "head"], **CONFIG)
     assert type(vit.blocks[0].mlp) is ak.ASEMlp
     assert type(vit.blocks[1].mlp.fc1) is ak.MoELoRALinear and type(vit.blocks[1].mlp.fc2) is ak.MoELoRALinear
@@ -77,21 +82,21 @@ def test_target_patterns_name_ffns_or_linears():
 ])
 def test_bad_targets_are_named(target, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        ak.convert(tiny_vit(), target=target, **CONFIG)
+        ak.convert(_vit(), target=target, **CONFIG)
 
 
 def test_converting_twice_and_bad_options_are_errors():
-    vit = ak.convert(tiny_vit(), **CONFIG)
+    vit = ak.convert(_vit(), **CONFIG)
     with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1 \(already converted\)"):
         ak.convert(vit, target=["fc1"], **CONFIG)
     with pytest.raises(ValueError, match="found no FFN"):
         ak.convert(vit, **CONFIG)
     with pytest.raises(TypeError, match=r"unknown options \['experts'\]"):
         ak.convert(tiny_vit(), experts=8)
-    with pytest.raises(ValueError, match="placement applies to FFN modules, not to the nn.Linear 'head'"):
-        ak.convert(tiny_vit(), target="head", placement="fc1", **CONFIG)
+    with pytest.raises(ValueError, match="placement applies to FFN modules, not to the Linear 'head'"):
+        ak.convert(_vit(), target="head", placement="fc1", **CONFIG)
     with pytest.raises(TypeError, match="top_k must be an integer, got float 2.0"):
-        ak.convert(tiny_vit(), top_k=2.0)
+        ak.convert(_vit(), top_k=2.0)
     with pytest.raises(ValueError, match=r"the model itself \(Linear\) is not one"):
         convert_module(torch.nn.Linear(4, 4), "", CONFIG)
 
@@ -109,7 +114,7 @@ class SwiGLU(torch.nn.Module):
 
 
 def test_a_gated_ffn_gets_experts_beside_it(backend):
-    model = torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16), SwiGLU(16, 24)).to(DEVICE)
+    model = torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16), SwiGLU(16, 24)).to(DEVICE).requires_grad_(False)
     x = torch.randn(3, 5, 16, device=DEVICE)
     before = model(x)
     ak.convert(model, num_tasks=3, **CONFIG)
@@ -162,7 +167,8 @@ def test_a_llama_model_converts_trains_and_round_trips_its_adapters(tmp_path):
 
 
 def test_a_converted_model_compiles_fullgraph(backend):
-    model = ak.convert(torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16)).to(DEVICE), num_tasks=2, **CONFIG)
+    model = torch.nn.Sequential(SwiGLU(16, 40), torch.nn.LayerNorm(16)).to(DEVICE).requires_grad_(False)
+    model = ak.convert(model, num_tasks=2, **CONFIG)
     torch.nn.init.normal_(model[0].experts.B)
     x, ids = torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
     with ak.task_ids(model, ids):
