@@ -124,14 +124,15 @@ def conv_mlp_refusal(names: list[str]) -> str:
     The kernels read the tokens as the rows of a (T, d) matrix through two strides and write a fresh (T, d_out)
     output. In an NCHW tensor a token's channels are H*W apart and the images C*H*W apart: (B*H*W, C) is no strided
     view of it (for B > 1), so the experts would need a permuted copy of the input and another of their output on
-    every forward and backward, the very traffic the fused kernels exist to avoid. Refusing costs the user nothing:
-    timm's ConvNeXt runs the same MLP with nn.Linear on (B, H, W, C) when built with ``conv_mlp=False`` (its
-    default, the layout its pretrained weights are stored in), and that converts as any timm Mlp does.
+    every forward and backward, the very traffic the fused kernels exist to avoid (the kernels take no batch
+    stride and no output layout). Refusing costs little: timm's ConvNeXt runs the same MLP with nn.Linear on
+    (B, H, W, C) when built with ``conv_mlp=False`` (the class default; atto to nano set True), whose fc1/fc2
+    weights are the 1x1 conv weights flattened, (out, in, 1, 1) -> (out, in); that model converts as any timm Mlp.
     """
     return (f"convert cannot put experts on 1x1-convolution MLPs over (B, C, H, W) ({_some(names)}) without "
-            "copying every activation into (tokens, channels) rows; build the model with conv_mlp=False (timm's "
-            "ConvNeXt default: the same MLP as nn.Linear on (B, H, W, C); a 1x1 conv weight (out, in, 1, 1) loads "
-            "there after .flatten(1)), or name other modules with target=[...]")
+            "copying every activation into (tokens, channels) rows; build the model with conv_mlp=False (the same "
+            "MLP as nn.Linear on (B, H, W, C); load its weights with each 4-d mlp.fc1/fc2 weight .flatten(1)), or "
+            "name other modules with target=[...]")
 
 
 def converted_type(module: nn.Module) -> str | None:
