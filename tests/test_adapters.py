@@ -81,3 +81,60 @@ def test_files_that_are_not_adapters_and_models_without_adapters_are_refused(tmp
         ak.load_adapters(_vit(), path)
     with pytest.raises(ValueError, match="has no ASE modules to save"):
         ak.save_adapters(_vit(), path)
+
+
+def test_trainable_parameters_outside_the_adapters_are_never_dropped_silently(tmp_path):
+    vit = ak.convert(_vit(), **CONFIG)
+    vit.head.requires_grad_(True)  # a head trained beside the experts
+    path = tmp_path / "ase.safetensors"
+    with pytest.raises(ValueError, match=r"1,930 trainable parameters in 2 tensors outside the ASE modules, which the "
+                                         r"adapter file would leave out: head.weight, head.bias. Freeze them .*"
+                                         r"extra=\[...\] \(e.g. extra=\['head.\*'\]\)"):
+        ak.save_adapters(vit, path)
+    with pytest.warns(UserWarning, match="outside the ASE modules still require grad"):
+        many = ak.convert(tiny_vit().eval(), **CONFIG)  # nothing frozen: the first five are named, and how many more
+    with pytest.raises(ValueError, match=r"in 24 tensors .*: cls_token, .*, blocks.0.norm1.weight and 19 more"):
+        ak.save_adapters(many, path)
+    with pytest.raises(ValueError, match=r"extra patterns \['heads.\*'\] match no parameter"):
+        ak.save_adapters(vit, path, extra=["head.*", "heads.*"])
+    assert not path.exists(), "a refusal writes nothing"
+
+
+def test_extra_parameters_are_saved_restored_and_checked(tmp_path):
+    vit = _trained(ak.convert(_vit(), **CONFIG))
+    with torch.no_grad():
+        vit.head.weight.normal_(), vit.head.bias.normal_()
+    vit.head.requires_grad_(True)
+    path = tmp_path / "ase.safetensors"
+    ak.save_adapters(vit, path, extra=["head.*"])
+    with safe_open(path, framework="pt") as f:
+        assert {"head.weight", "head.bias"} <= set(f.keys()) and json.loads(f.metadata()["extra"]) == [
+            "head.weight", "head.bias"]
+    fresh = ak.load_adapters(_vit(), path)
+    assert torch.equal(fresh.head.weight, vit.head.weight)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_out(vit, images), _out(fresh, images))
+    with pytest.raises(ValueError, match=r"extra parameters that do not fit VisionTransformer: \['head.weight: file "
+                                         r"\(10, 192\), model \(7, 192\)', 'head.bias: file \(10,\), model \(7,\)'\]"):
+        ak.load_adapters(tiny_vit(num_classes=7), path)
+    with pytest.raises(ValueError, match=r"\['head.weight: not in the model', 'head.bias: not in the model'\]"):
+        ak.load_adapters(tiny_vit(num_classes=0), path)
+
+
+def test_a_split_ffn_file_names_its_second_projection(tmp_path):
+    from test_convert import _bert_like
+
+    model = ak.convert(_bert_like(), **CONFIG)
+    path = tmp_path / "ase.safetensors"
+    ak.save_adapters(model, path)
+    with safe_open(path, framework="pt") as f:
+        spec = json.loads(f.metadata()["modules"])["layer.1.intermediate.dense"]
+    assert spec == {"type": "ASESplitFFN", "options": dict(CONFIG, alpha=2.0, mode="adaptive", placement="ffn"),
+                    "output": "layer.1.output.dense"}
+    other = ak.convert(_bert_like(), target=[("intermediate.dense", "output.dense")], placement="fc2", **CONFIG)
+    with pytest.raises(ValueError, match=r"layer.0.intermediate.dense: placement file 'ffn', model 'fc2'"):
+        ak.load_adapters(other, path)
+    shallow = _bert_like()
+    del shallow.layer[1].output
+    with pytest.raises(ValueError, match=r"modules that Module lacks: \['layer.1.output.dense'\]"):
+        ak.load_adapters(shallow, path)

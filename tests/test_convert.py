@@ -1,5 +1,7 @@
 """ase_kernels/convert.py: a model loaded the usual way, converted in place, returns what it returned."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,70 @@ def test_a_converted_model_compiles_fullgraph(backend):
     x, ids = torch.randn(2, 5, 16, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
     with ak.task_ids(model, ids):
         assert_close("y", model(x), torch.compile(model, fullgraph=True)(x))
+
+
+def _bert_like(layers=2, d=16, hidden=40):
+    """The module layout of a BERT encoder (no forward needed): attention.output.dense, intermediate.dense and
+    output.dense in each layer, registered in that order."""
+    model = torch.nn.Module()
+    model.layer = torch.nn.ModuleList()
+    for _ in range(layers):
+        layer = torch.nn.Module()
+        for name, shape in (("attention", (d, d)), ("intermediate", (d, hidden)), ("output", (hidden, d))):
+            part = torch.nn.Module()
+            part.dense = torch.nn.Linear(*shape)
+            if name == "attention":
+                layer.attention = torch.nn.Module()
+                layer.attention.output = part
+            else:
+                setattr(layer, name, part)
+        model.layer.append(layer)
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("target", [None, [("*.intermediate.dense", "*.output.dense")],
+                                    [("layer.*.intermediate.dense", "output.dense")]], ids=["none", "pair", "suffix"])
+def test_split_ffns_are_paired_with_the_next_second_module(target):
+    """'*.output.dense' also matches attention.output.dense, which comes before each layer's intermediate.dense:
+    the pair is each first match and the next second match after it."""
+    from ase_kernels.split_ffn import ASESplitFFN, ASESplitFFNOutput
+
+    model = ak.convert(_bert_like(), target=target, placement="fc1+fc2", **CONFIG)
+    for layer in model.layer:
+        assert type(layer.intermediate.dense) is ASESplitFFN and layer.intermediate.dense.placement == "fc1+fc2"
+        assert type(layer.output.dense) is ASESplitFFNOutput and layer.output.dense.first is layer.intermediate.dense
+        assert type(layer.attention.output.dense) is torch.nn.Linear
+    with pytest.raises(ValueError, match="found no FFN"):  # converted pairs are not recognised again
+        ak.convert(model, **CONFIG)
+    with pytest.raises(ValueError, match=r"layer.0.output.dense \(already converted\)"):
+        ak.convert(model, target=["layer.0.output.dense"], **CONFIG)
+
+
+@pytest.mark.parametrize("target,message", [
+    pytest.param([("intermediate.dense", "attention.output.dense")],
+                 r"\(layer.0.intermediate.dense, layer.1.attention.output.dense\) \(the first maps to 40 features, the "
+                 r"second takes 16\).*layer.1.intermediate.dense \(no module matching 'attention.output.dense' follows",
+                 id="misfit"),
+    pytest.param([("intermediate.dense", "nothing")], r"\['nothing'\] match no module", id="unknown"),
+    pytest.param(["layer.0.output.dense", ("intermediate.dense", "output.dense")], r"the same module twice "
+                 r"\['layer.0.output.dense'\]", id="twice"),
+    pytest.param([("intermediate.dense", "output.dense", "x")], "or pairs of them", id="triple"),
+])
+def test_bad_pairs_are_named(target, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ak.convert(_bert_like(), target=target, **CONFIG)
+
+
+def test_convert_warns_once_about_trainable_parameters_it_leaves_outside():
+    with pytest.warns(UserWarning) as record:
+        ak.convert(tiny_vit(), **CONFIG)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    left = [p for n, p in tiny_vit().named_parameters() if ".mlp.fc" not in n]  # convert froze fc1 and fc2 only
+    assert messages[0].startswith(f"{sum(p.numel() for p in left):,} parameters in {len(left)} tensors outside the ASE "
+                                  f"modules still require grad (cls_token, pos_embed, patch_embed.proj.weight and "
+                                  f"{len(left) - 3} more)"), messages[0]
+    assert "freeze them first" in messages[0] and "extra=" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a frozen backbone: nothing to say
+        ak.convert(_vit(), **CONFIG)

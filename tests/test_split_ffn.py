@@ -132,3 +132,13 @@ def test_the_pair_copies_after_a_training_forward_and_registers_the_experts_once
     assert clone.fc2.first is clone.fc1 and clone.fc1._handoff.value is None
     names = [n for n, _ in block.named_parameters(remove_duplicate=False)]
     assert "fc1.router" in names and not any(n.startswith("fc2.first") for n in names), names
+
+
+def test_the_docstring_example_runs(monkeypatch):
+    import doctest
+
+    import ase_kernels.split_ffn
+
+    monkeypatch.delenv("ASE_KERNELS_BACKEND", raising=False)
+    result = doctest.testmod(ase_kernels.split_ffn, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
