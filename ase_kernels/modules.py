@@ -334,7 +334,7 @@ def _recomputing() -> bool:
 
 
 def ase_modules(model: nn.Module) -> Iterator[_Routed]:
-    """The ASE modules (ASEMlp, MoELoRALinear, ASEFFN) inside model, in registration order."""
+    """The ASE modules (ASEMlp, MoELoRALinear, ASEFFN, split_ffn.ASESplitFFN) inside model, in registration order."""
     return (m for m in model.modules() if isinstance(m, _Routed))
 
 

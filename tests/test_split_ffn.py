@@ -142,3 +142,23 @@ def test_the_docstring_example_runs(monkeypatch):
     monkeypatch.delenv("ASE_KERNELS_BACKEND", raising=False)
     result = doctest.testmod(ase_kernels.split_ffn, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+class _Encoder(torch.nn.Module):
+    """A BERT-style FFN: the residual after the second projection, as BertOutput has it."""
+
+    def __init__(self):
+        super().__init__()
+        self.intermediate, self.output = torch.nn.Linear(D, HIDDEN), torch.nn.Linear(HIDDEN, D)
+
+    def forward(self, x):
+        return x + self.output(torch.nn.functional.gelu(self.intermediate(x)))
+
+
+def test_a_split_pair_compiles_fullgraph():
+    model = ak.convert(_Encoder().requires_grad_(False), target=[("intermediate", "output")], num_tasks=2, **CONFIG)
+    _randomise(model.intermediate)
+    x, ids = torch.randn(2, 5, D), torch.tensor([1, 0])
+    with ak.task_ids(model, ids):
+        want = model(x)
+        assert_close("y", want, torch.compile(model, fullgraph=True)(x))
