@@ -84,6 +84,7 @@ def test_moe_lora_linear_takes_a_conv1d_as_its_transposed_weight(backend):
     """GPT-2's Conv1D: the ops get weight.T, a view of the frozen tensor (no copy), forward and backward."""
     conv = _projection("Conv1D", D, HIDDEN)
     layer = ak.MoELoRALinear(conv, num_tasks=2, **CONFIG)
+    assert layer.base is conv and not conv.weight.requires_grad, "the Conv1D itself, frozen"
     x = torch.randn(3, 5, D, device=DEVICE)
     ids = torch.tensor([0, 1, 1], device=DEVICE)
     assert_close("fresh", conv(x), layer(x, ids))
