@@ -33,12 +33,12 @@ def convert(model: nn.Module, *, target: str | Iterable[str | tuple[str, str]] |
             SwiGLU and whose Linears (``nn.Linear`` or transformers' ``Conv1D``, as in GPT-2) map d -> d (first
             input width = last output width) is wrapped in an :class:`ASEFFN` (experts in parallel with the whole
             module, Eq. 10); and the split FFN of BERT-style layers (a module with ``intermediate.dense`` and
-            ``output.dense`` mapping d -> hidden -> d: BERT, RoBERTa, transformers' ViT) becomes a pair, as
-            below. Otherwise a list of module-name patterns (``fnmatch``, matched against the full name or a
-            dotted suffix of it: ``"mlp"``, ``"blocks.*.mlp"``, ``"fc1"``) naming FFN modules (as above) or Linears
-            (into :class:`MoELoRALinear`), and of pattern pairs ``("*.intermediate.dense", "*.output.dense")``
-            naming the two projections of split FFNs: each module matching the first pattern is paired with the
-            next module (in registration order) matching the second, and the pair becomes one ASE FFN
+            ``output.dense`` mapping d -> hidden -> d: BERT, RoBERTa) becomes a pair, as below. Otherwise a list
+            of module-name patterns (``fnmatch``, matched against the full name or a dotted suffix of it:
+            ``"mlp"``, ``"blocks.*.mlp"``, ``"fc1"``) naming FFN modules (as above) or Linears (into
+            :class:`MoELoRALinear`), and of pattern pairs ``("*.intermediate.dense", "*.output.dense")`` naming the
+            two projections of split FFNs: each module matching the first pattern is paired with the next module
+            (in registration order) matching the second, and the pair becomes one ASE FFN
             (:class:`~ase_kernels.split_ffn.ASESplitFFN` and its output) with one routing, computed from the first
             projection's input.
         **options: num_experts, top_k, num_shared, rank, alpha, num_tasks, mode (every ASE module) and placement
@@ -202,8 +202,8 @@ def _pair_problem(fc1: nn.Module, fc2: nn.Module) -> str | None:
 
 
 def _bert_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """The split FFNs of BERT-style layers (BERT, RoBERTa, transformers' ViT, ...): a module with children
-    ``intermediate`` and ``output`` whose ``dense`` Linears map d -> hidden -> d."""
+    """The split FFNs of BERT-style layers (BERT, RoBERTa, ...): a module with children ``intermediate`` and
+    ``output`` whose ``dense`` Linears map d -> hidden -> d."""
     pairs = []
     for name, module in model.named_modules():
         fc1 = getattr(getattr(module, "intermediate", None), "dense", None)

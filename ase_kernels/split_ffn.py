@@ -1,7 +1,7 @@
 """An ASE FFN whose two projections are separate modules: BERT's ``intermediate.dense`` and ``output.dense``.
 
-BERT-style encoders (BERT, RoBERTa, transformers' ViT) split the FFN across two modules, the residual and the
-LayerNorm inside the second, so there is no single module to wrap. :func:`ak.convert` replaces the two projections
+BERT-style encoders (BERT, RoBERTa, ...) split the FFN across two modules, the residual and the LayerNorm inside the
+second, so there is no single module to wrap. :func:`ak.convert` replaces the two projections
 by a pair: :class:`ASESplitFFN` (the first projection) routes its input once, holds the routers and experts, and
 leaves the input and the routing for :class:`ASESplitFFNOutput` (the second projection), which takes them at its
 next forward. Every call of the second is therefore preceded by one of the first, as in the model's own forward
