@@ -11,11 +11,12 @@ from .checks import Routing
 from .convert import convert
 from .modules import ASEFFN, PLACEMENTS, ASEMlp, LoRAExperts, MoELoRALinear, ase_modules, task_ids
 from .ops import BACKENDS, backend, mi_loss, moe_lora, moe_lora_ffn, route
+from .split_ffn import ASESplitFFN, ASESplitFFNOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "PLACEMENTS", "ASEFFN", "ASEMlp", "LoRAExperts", "MoELoRALinear", "Routing", "ase_modules", "backend",
-    "convert", "load_adapters", "mi_loss", "moe_lora", "moe_lora_ffn", "reference", "route", "save_adapters",
-    "task_ids",
+    "BACKENDS", "PLACEMENTS", "ASEFFN", "ASEMlp", "ASESplitFFN", "ASESplitFFNOutput", "LoRAExperts", "MoELoRALinear",
+    "Routing", "ase_modules", "backend", "convert", "load_adapters", "mi_loss", "moe_lora", "moe_lora_ffn",
+    "reference", "route", "save_adapters", "task_ids",
 ]

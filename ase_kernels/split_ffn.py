@@ -41,7 +41,7 @@ class ASESplitFFN(_Routed):
 
     Example:
         >>> import torch, ase_kernels as ak
-        >>> from ase_kernels.split_ffn import ASESplitFFN, ASESplitFFNOutput
+        >>> from ase_kernels import ASESplitFFN, ASESplitFFNOutput
         >>> fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
         >>> first = ASESplitFFN(fc1, 16, num_experts=8, top_k=2, num_shared=1, rank=2)
         >>> second = ASESplitFFNOutput(fc2, first)
