@@ -28,6 +28,8 @@ import inspect
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl  # module-level: older interpreters look for it in the probe kernel's globals
 
 MARK = "ase_kernels_bf16_as_gpu"  # the attribute ase_kernels.ops.interpreter_computes_bf16 looks for
 
@@ -70,8 +72,7 @@ ROUNDING_CASES = {
 
 
 def _probe_kernel():
-    import triton
-    import triton.language as tl
+    """Defined on call: @triton.jit interprets only what it defines while TRITON_INTERPRET=1 is set."""
 
     @triton.jit
     def probe(a_ptr, b_ptr, c_ptr, f_ptr, r_ptr):
@@ -149,7 +150,6 @@ def _gpu_answers(c, r, what):
 
 def install() -> None:
     """Patch Triton's interpreter as the module docstring says; idempotent. Call with TRITON_INTERPRET=1 set."""
-    import triton.language as tl
     from triton.runtime import interpreter as interp
 
     builder = interp.InterpreterBuilder

@@ -6,6 +6,8 @@ import os
 import interpreter_bf16 as patch
 import pytest
 import torch
+import triton
+import triton.language as tl  # module-level: older interpreters look for it in a kernel's globals
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton interpreter runs only without a GPU (TRITON_INTERPRET=1)")
@@ -42,7 +44,6 @@ def test_install_refuses_a_fixed_interpreter(unpatched, monkeypatch):
     dot = unpatched.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # what a fixed Triton would do
-        import triton.language as tl
         from triton.runtime.interpreter import TensorHandle
 
         def wide(h):
@@ -63,8 +64,6 @@ def test_install_refuses_changed_internals(unpatched, monkeypatch):
 
 def test_elementwise_bf16_arithmetic_is_refused():
     """The interpreter would add bf16 bit patterns as integers: the patch raises instead of returning garbage."""
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def add(x_ptr, out_ptr):
