@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1) holds a bf16 value as its numpy uint16 bit 
 
 - ``tl.dot`` multiplies those bit patterns as integers (triton-lang/triton#11584);
 - fp32 -> bf16 casts (``x.to(tl.bfloat16)``, the cast a store into a bf16 tensor implies) truncate the mantissa,
-  where the GPU's ``cvt.rn.bf16.f32`` rounds to nearest, ties to even. Truncation alone doubles a bf16 result's
-  distance from float64.
+  where the GPU's ``cvt.rn.bf16.f32`` rounds to nearest, ties to even. Truncation alone puts a bf16 result about
+  twice as far from float64.
 
 :func:`install` replaces the two builder methods that do this (``InterpreterBuilder.create_dot`` and
 ``cast_impl``, through which ``create_fp_trunc``/``create_fp_ext`` cast): bf16 dot operands are widened to fp32,
@@ -32,8 +32,6 @@ import triton
 import triton.language as tl  # module-level: older interpreters look for it in the probe kernel's globals
 
 MARK = "ase_kernels_bf16_as_gpu"  # the attribute ase_kernels.ops.interpreter_computes_bf16 looks for
-
-
 ORIGINALS = {}  # the builder methods install() replaced, by name (tests/test_interpreter_bf16.py restores them)
 
 
@@ -56,7 +54,8 @@ def _fp32_to_bf16(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), quiet_nan, rounded)
 
 
-# fp32 bit pattern -> the GPU's bf16 bit pattern (round to nearest even); truncation gets each of the first six wrong
+# fp32 bit pattern -> the GPU's bf16 bit pattern (round to nearest even); truncation gets five of the first six wrong,
+# round-half-up (Triton's own RTNE in _convert_float) the tie at 1 + 2^-8
 ROUNDING_CASES = {
     0x3F80C000: 0x3F81,  # 1 + 3 * 2^-9: above the half-way point, rounds up
     0x3F808000: 0x3F80,  # 1 + 2^-8: a tie, to the even 1.0 (round-half-up would give 0x3F81)
