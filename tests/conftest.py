@@ -1,7 +1,8 @@
 """Shared fixtures: seeds, exact fp32 matmuls, and the backend under test.
 
 Without a GPU, the Triton kernels run under Triton's interpreter: TRITON_INTERPRET must be set before the
-first kernel is defined, so it is set here, at collection time.
+first kernel is defined, so it is set here, at collection time; the interpreter is then taught bf16 as a GPU
+computes it (tests/interpreter_bf16.py), so that the bf16 kernel tests run on a CPU too.
 """
 
 import os
@@ -13,6 +14,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # bf16 in the interpreter as on a GPU (dots of the values, not of their bit patterns; fp32 -> bf16 rounded to
+    # nearest even): checked at install, loud if Triton changed (tests/interpreter_bf16.py)
+    import interpreter_bf16
+
+    interpreter_bf16.install()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKENDS = ("torch", "triton")

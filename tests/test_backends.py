@@ -95,6 +95,21 @@ def test_nan_and_inf_propagate_as_in_the_reference(run, case, mode):
         assert_close(name, ref, out, torch.float32, nonfinite=True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("run", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("mode", ["adaptive", "naive"])
+@pytest.mark.parametrize("case", CASES)
+def test_nan_and_inf_propagate_in_bf16(run, case, mode):
+    """The same in bf16 on the fast backends (NaN and +-inf survive the bf16 casts), against the float64 reference on
+    the rounded inputs."""
+    args = [t.bfloat16() if t.is_floating_point() else t for t in _poison(case, *_inputs())]
+    want = _reference(mode, *args)
+    got = run(_layer(mode), *(t.to(DEVICE) for t in args))
+    assert torch.equal(want[0], got[0].cpu()), f"indices differ:\n{want[0]}\n{got[0]}"
+    for name, ref, out in zip(("gates", "prob_sums", "y", "y_ffn"), want[1:], got[1:], strict=True):
+        assert_close(name, ref, out, torch.bfloat16, nonfinite=True)
+
+
 def test_the_poisoned_cases_are_poisoned():
     """The cases above test what they say: NaN and inf do reach the routing (in the float64 reference)."""
     args = _inputs()

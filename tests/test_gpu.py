@@ -1,5 +1,7 @@
-"""The Triton kernels on a GPU at the real ViT-B shapes in bf16 (the interpreter cannot multiply bf16):
-64 images x 197 tokens = 12,608 tokens, FFN 768 -> 3072 -> 768, five tasks, against the float64 reference."""
+"""The ASE FFN in bf16 through the Triton kernels, every gradient, against the float64 reference: on a GPU at the real
+ViT-B shapes (64 images x 197 tokens = 12,608 tokens, FFN 768 -> 3072 -> 768, five tasks); on a CPU at a small shape,
+under Triton's interpreter taught bf16 as the GPU computes it (tests/interpreter_bf16.py). The CUDA-graph tests
+need a GPU."""
 
 import pytest
 import torch
@@ -9,26 +11,32 @@ import ase_kernels as ak
 from ase_kernels import reference
 from ase_kernels.checks import Routing
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: bf16 Triton kernels at ViT-B shapes")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: CUDA-graph capture of the Triton kernels")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TASKS, TOKENS_PER_IMAGE, DIM, HIDDEN = 5, 197, 768, 3072
+# (images, tokens per image, dim, hidden): ViT-B on a GPU; on a CPU 5 x 13 = 65 tokens (three token blocks of the
+# interpreter's 32, the last one partial, one image per task) at widths that are not multiples of a block
+SHAPE = pytest.param((64, TOKENS_PER_IMAGE, DIM, HIDDEN), id="vit-b") if CUDA else pytest.param((5, 13, 40, 104),
+                                                                                                 id="small")
 
-IMAGES, TOKENS_PER_IMAGE, DIM, HIDDEN, TASKS = 64, 197, 768, 3072, 5
 
-
+@pytest.mark.parametrize("shape", [SHAPE])
 @pytest.mark.parametrize("config", [(32, 6, 2, 2), (64, 12, 4, 1), (16, 4, 0, 4)], ids=lambda c: "/".join(map(str, c)))
 @pytest.mark.parametrize("placement", ["ffn", "fc1+fc2"])
-def test_vit_b_ffn_bf16_matches_reference(monkeypatch, config, placement):
+def test_vit_b_ffn_bf16_matches_reference(monkeypatch, shape, config, placement):
     monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    images, tokens_per_image, dim, hidden = shape
     n, k, s, r = config
-    mlp = ak.ASEMlp(DIM, HIDDEN, num_experts=n, top_k=k, num_shared=s, rank=r, num_tasks=TASKS,
-                    placement=placement, mode="adaptive" if s else "none").cuda()
+    mlp = ak.ASEMlp(dim, hidden, num_experts=n, top_k=k, num_shared=s, rank=r, num_tasks=TASKS,
+                    placement=placement, mode="adaptive" if s else "none").to(DEVICE)
     for experts in mlp.experts.values():
         torch.nn.init.normal_(experts.B, std=0.02)
     torch.nn.init.normal_(mlp.router, std=0.02)
     mlp.fc1.requires_grad_(False), mlp.fc2.requires_grad_(False)
     mlp = mlp.bfloat16()
-    x = torch.randn(IMAGES, TOKENS_PER_IMAGE, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.arange(TASKS, device="cuda").repeat_interleave(IMAGES // TASKS + 1)[:IMAGES]
+    x = torch.randn(images, tokens_per_image, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.arange(TASKS, device=DEVICE).repeat_interleave(images // TASKS + 1)[:images]
     y = mlp(x, ids)
     d_y = torch.randn_like(y)
     (y * d_y).sum().backward()
@@ -36,15 +44,16 @@ def test_vit_b_ffn_bf16_matches_reference(monkeypatch, config, placement):
     # reference: the same bf16 parameters and routing decisions, in float64
     x64 = x.detach().double().requires_grad_()
     params = {name: p.detach().double().requires_grad_() for name, p in mlp.named_parameters()}
-    ids_tok = ids.repeat_interleave(TOKENS_PER_IMAGE)
-    x2 = x64.reshape(-1, DIM)
+    ids_tok = ids.repeat_interleave(tokens_per_image)
+    x2 = x64.reshape(-1, dim)
     # bf16 logits can swap near-equal experts against float64 ones: the reference takes the kernel's selection
     # (the selection is not differentiated anyway) and checks that almost every token agrees with its own.
     indices = mlp._last.indices
     z = reference.router_logits(x2, params["router"], ids_tok)
     z_sparse, z_shared = z[:, : n - s], z[:, n - s :]
-    agree = (reference.select_top_k(z_sparse.detach(), k) == indices[:, :k]).all(1).double().mean().item()
-    assert agree > 0.99, f"only {agree:.4f} of tokens select the same experts as the float64 reference"
+    differ = (reference.select_top_k(z_sparse.detach(), k) != indices[:, :k]).any(1).sum().item()
+    assert differ <= max(1, 0.01 * len(ids_tok)), (
+        f"{differ} of {len(ids_tok)} tokens select other experts than the float64 reference")
     if mlp.mode == "adaptive":
         gates = reference.adaptive_gates(z_sparse, z_shared, indices[:, :k])
     else:
@@ -62,7 +71,7 @@ def test_vit_b_ffn_bf16_matches_reference(monkeypatch, config, placement):
         h = x2 @ params["fc1.weight"].T + params["fc1.bias"]
     h = torch.nn.functional.gelu(h)
     y_ref = experts("ffn", x2, h, "fc2") if "ffn" in mlp.experts else experts("fc2", h, h, "fc2")
-    (y_ref * d_y.reshape(-1, DIM).double()).sum().backward()
+    (y_ref * d_y.reshape(-1, dim).double()).sum().backward()
 
     assert_close("y", y_ref.reshape(y.shape), y, torch.bfloat16)
     assert_close("dx", x64.grad, x.grad, torch.bfloat16)
@@ -71,6 +80,7 @@ def test_vit_b_ffn_bf16_matches_reference(monkeypatch, config, placement):
             assert_close(f"d{name}", params[name].grad, p.grad, torch.bfloat16)
 
 
+@needs_cuda
 def test_cuda_graph_capture_of_route_and_moe_lora(monkeypatch):
     """No host synchronisation on the hot path: forward and backward capture into one CUDA graph."""
     monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
@@ -93,6 +103,7 @@ def test_cuda_graph_capture_of_route_and_moe_lora(monkeypatch):
     assert_close("y", eager, y, torch.bfloat16)
 
 
+@needs_cuda
 def test_cuda_graph_replay_follows_refilled_per_token_task_ids(monkeypatch):
     """Per-token int64 ids reach the ops as the very tensor the graph captured: refilled before replay, the router
     gradient must follow the new ids, not task ranges cached by the eager warm-up on the same tensor."""

@@ -65,12 +65,18 @@ def _reference_asemlp(mlp: ak.ASEMlp, x, ids):
 
 @pytest.mark.parametrize("placement", ak.PLACEMENTS)
 @pytest.mark.parametrize("mode", ["adaptive", "naive"])
-def test_asemlp_matches_reference(backend, placement, mode):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_asemlp_matches_reference(backend, placement, mode, dtype):
+    """The module in its parameters' dtype against the float64 reference on the same (rounded) parameters; every
+    gradient of every placement in bf16 is in tests/test_gpu.py."""
     ase = ak.ASEMlp(24, 40, placement=placement, mode=mode, num_tasks=2, alpha=8, **CONFIG).to(DEVICE)
     _randomise_experts(ase)
-    x = torch.randn(2, 11, 24, device=DEVICE)
+    ase = ase.to(dtype)
+    x = torch.randn(2, 11, 24, device=DEVICE, dtype=dtype)
     ids = torch.tensor([1, 0])
-    assert_close("y", _reference_asemlp(ase, x.cpu(), ids.repeat_interleave(11)), ase(x, ids.to(DEVICE)))
+    y = ase(x, ids.to(DEVICE))
+    assert y.dtype == dtype
+    assert_close("y", _reference_asemlp(ase, x.cpu(), ids.repeat_interleave(11)), y)
 
 
 def test_asemlp_trains_every_parameter(backend):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close, leaf
+from helpers import assert_close, leaf, rounded
 
 import ase_kernels as ak
 from ase_kernels import reference
@@ -47,9 +47,17 @@ def test_reference_backend_goes_through_the_public_ops(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 guard is a CPU-only path")
-def test_triton_interpreter_refuses_bf16(monkeypatch):
+def test_triton_interpreter_refuses_bf16_unless_taught(monkeypatch):
+    """A user's interpreter multiplies bf16 bit patterns: refused. The tests' interpreter is taught bf16
+    (tests/interpreter_bf16.py) and marked so: accepted."""
+    from interpreter_bf16 import MARK
+    from triton.runtime.interpreter import InterpreterBuilder
+
     monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
     x, w, ids, *_ = _problem(dtype=torch.bfloat16, device="cpu")
+    assert getattr(InterpreterBuilder, MARK) is True, "conftest.py installs the bf16 interpreter patch"
+    assert ak.route(x, w, ids, top_k=2, num_shared=1).indices.shape == (13, 3)
+    monkeypatch.setattr(InterpreterBuilder, MARK, False)
     with pytest.raises(TypeError, match="bf16"):
         ak.route(x, w, ids, top_k=2, num_shared=1)
 
@@ -112,17 +120,16 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         assert_close(f"d{name}", t.grad, t_c.grad)
 
 
-def test_autocast_runs_in_the_autocast_dtype(backend):
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float16
-    if backend == "triton" and not torch.cuda.is_available():
-        dtype = torch.float16  # the interpreter cannot multiply bf16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_runs_in_the_autocast_dtype(backend, dtype):
     x, w, ids, a, b, (n, k, s, r) = _problem()
     with torch.autocast(DEVICE.type, dtype=dtype):
         routing = ak.route(x, w, ids, top_k=k, num_shared=s)
         y = ak.moe_lora(x, a, b, routing)
     assert y.dtype == dtype and routing.gates.dtype == torch.float32
-    ref = reference.moe_lora(*(t.to(dtype) for t in (x, a, b)),
-                             reference.route(x.to(dtype), w.to(dtype), ids, top_k=k, num_shared=s))
+    # float64 on the inputs as autocast rounded them
+    ref = reference.moe_lora(*(rounded(t, dtype) for t in (x, a, b)),
+                             reference.route(rounded(x, dtype), rounded(w, dtype), ids, top_k=k, num_shared=s))
     assert_close("y", ref, y, dtype)
 
 

@@ -1,10 +1,10 @@
 """Property-based tests (hypothesis): random small shapes and N/k/S/r configurations, every mode, both fast
-backends, forward and gradients against the reference."""
+backends, fp32 and bf16, forward and gradients against the reference."""
 
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close, leaf
+from helpers import assert_close, leaf, rounded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,14 +23,14 @@ def problems(draw):
                 scale=draw(st.floats(0.25, 4.0)), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def _check(p):
+def _check(p, dtype):
     g = torch.Generator().manual_seed(p["seed"])
     x = torch.randn(p["tokens"], p["d_in"], generator=g)
     w = torch.randn(p["tasks"], p["n"], p["d_in"], generator=g) * 0.5
     ids = torch.randint(0, p["tasks"], (p["tokens"],), generator=g)
     a = torch.randn(p["n"], p["r"], p["d_in"], generator=g) * 0.5
     b = torch.randn(p["n"], p["d_out"], p["r"], generator=g) * 0.5
-    t = [leaf(v, torch.float32, DEVICE) for v in (x, w, a, b)]
+    t = [leaf(v, dtype, DEVICE) for v in (x, w, a, b)]
     r = [leaf(v, torch.float64, "cpu") for v in t]
     kw = dict(top_k=p["k"], num_shared=p["s"], mode=p["mode"])
     route_t = ak.route(t[0], t[1], ids.to(DEVICE), **kw)
@@ -38,22 +38,27 @@ def _check(p):
     assert torch.equal(route_t.indices.cpu(), route_r.indices)
     y_t = ak.moe_lora(t[0], t[2], t[3], route_t, p["scale"])
     y_r = reference.moe_lora(r[0], r[2], r[3], route_r, p["scale"])
-    assert_close("y", y_r, y_t, torch.float32)
-    d_y = torch.randn(y_r.shape, generator=g, dtype=torch.float64)
+    assert_close("y", y_r, y_t, dtype)
+    d_y = rounded(torch.randn(y_r.shape, generator=g, dtype=torch.float64), dtype)
     (y_r * d_y).sum().add(reference.mi_loss(route_r.prob_sums)).backward()
-    (y_t * d_y.to(DEVICE, torch.float32)).sum().add(ak.mi_loss(route_t.prob_sums)).backward()
+    (y_t * d_y.to(DEVICE, dtype)).sum().add(ak.mi_loss(route_t.prob_sums)).backward()
     for name, ref, out in zip(("x", "router_weight", "A", "B"), r, t, strict=True):
-        assert_close(f"d{name}", ref.grad, out.grad, torch.float32)
+        assert_close(f"d{name}", ref.grad, out.grad, dtype)
 
 
-@pytest.mark.parametrize("name,examples", [("torch", 60), ("triton", 20)])
-def test_random_problems_match_reference(monkeypatch, name, examples):
+@pytest.mark.parametrize("name,examples,dtype", [
+    pytest.param("torch", 60, torch.float32, id="torch-fp32"),
+    pytest.param("triton", 20, torch.float32, id="triton-fp32"),
+    pytest.param("torch", 20, torch.bfloat16, id="torch-bf16"),
+    pytest.param("triton", 10, torch.bfloat16, id="triton-bf16"),
+])
+def test_random_problems_match_reference(monkeypatch, name, examples, dtype):
     monkeypatch.setenv("ASE_KERNELS_BACKEND", name)
 
     @settings(max_examples=examples, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(problems())
     def run(p):
-        _check(p)
+        _check(p, dtype)
 
     run()
