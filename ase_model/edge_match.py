@@ -10,11 +10,12 @@ minimum-cost perfect assignment (CSA) on a graph of
 
 A perfect assignment with k real pairs costs (real distances) + ow (n1 + n2 - k) when its outliers find cheap
 edges, so each further real pair saves ow - 100 maxDist, 99 times what any real edge costs: the optimum takes
-the most real pairs it can, and P, R and odsF use nothing but that number. Here it is found directly, by
-Hopcroft-Karp (``scipy.sparse.csgraph.maximum_bipartite_matching``) on the same real edges. pyEdgeEval can only
-reach it from below (no matching is larger than the maximum one): its random outlier graph leaves a few
-assignments of maximum size infeasible, and it gives up a real pair where that saves distance along an
-alternating path of 100 or more real edges. tests/test_edge_match.py measures how far below, against several
+the most real pairs it can, and P, R and odsF use nothing but that number. Here it is found directly, as a
+maximum matching (a unit-capacity maximum flow, ``scipy.sparse.csgraph.maximum_flow``) on the same real edges.
+pyEdgeEval can only reach it from below (no matching is larger than a maximum one): its random outlier graph
+leaves a few assignments of maximum size without a cheap completion, and its optimum gives up a real pair where
+that saves more than ow along an alternating path, which takes more than 100 maxDist / step real edges (a long
+contour predicted shifted along itself). tests/test_edge_match.py measures how far below, against several
 pyEdgeEval runs, and README.md (Protocol) states the numbers.
 
 The prediction is thinned as pyEdgeEval's ``binary_thin`` does it (the same deletion tables and the same stopping
