@@ -161,8 +161,9 @@ def _boundary_matcher():
     ground truth within a distance tolerance), or None where pyEdgeEval is not installed (said once: the answer is
     cached for the process and the workers it forks)."""
     if importlib.util.find_spec("pyEdgeEval") is None:
-        warnings.warn("pyEdgeEval is not installed: no edge odsF (the edge metric is the balanced BCE, and "
-                      "delta_m leaves edges out). Install it with: pip install -e \".[eval]\"", stacklevel=2)
+        warnings.warn("pyEdgeEval is not installed: no edge odsF with --edge-matcher pyedgeeval (the edge metric "
+                      "is the balanced BCE, and delta_m leaves edges out). Install it with: pip install -e "
+                      "\".[eval]\", or use --edge-matcher fast", stacklevel=2)
         return None
     try:
         from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
