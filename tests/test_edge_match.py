@@ -217,3 +217,12 @@ def test_dataset_ods_f_of_the_two_matchers(pyedgeeval):
     runs and 0.2 over a single run (measured: see README.md, Protocol)."""
     fast, runs, best = dataset_ods_f()
     assert 0 <= fast - best <= 0.1 and all(0 <= fast - r <= 0.2 for r in runs), (fast, runs, best)
+
+
+def test_the_speed_benchmark_runs(pyedgeeval, capsys):
+    """bench/edge_speed.py on a small image (a check that it works; its timings are not asserted)."""
+    from bench import edge_speed
+
+    edge_speed.main(["--size", "60", "90", "--thresholds", "5", "--images", "10", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert out.count("| fast |") == 2 and out.count("| pyEdgeEval |") == 2 and "estimate: 10 images" in out
