@@ -11,7 +11,8 @@ than the outlier cost ow = 100 maxDist (in pixels) times 100, i.e. along an alte
 side, does that (one pair per such contour; the "shifted-contour" case below); (b) match.cc connects each outlier
 node to 6 random ones (kOfN), and an outlier node that no random edge reaches forces one pixel out of the
 matching; of the smaller side's n_min outlier nodes, mu = n_min (1 - 6 / n_min)^n_max are expected so (n: the
-pixels with a partner in reach on each side). So fast - max(runs) <= (fast - optimum) + ceil(mu + 3 sqrt(mu)) + 1.
+pixels with a partner in reach on each side). Taking (b) as the model of the random loss (a model: the test
+measures it), fast - max(runs) <= (fast - optimum) + ceil(mu + 3 sqrt(mu)) + 1.
 """
 
 import functools
