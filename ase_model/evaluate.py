@@ -40,16 +40,17 @@ def decode(task: str, logits: torch.Tensor, size) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: int, amp: bool,
              reference: str = REFERENCE, show: bool = True, edge_ods: bool = True, eval_workers: int = 0,
-             edge_thresholds: int = 99) -> dict:
+             edge_thresholds: int = 99, edge_matcher: str = "fast") -> dict:
     """Metrics over `val_set`, reduced over the ranks of the default process group (if any); routing statistics
-    of the ASE forwards. `batch_size` is this rank's. edge_ods: compute the edge odsF (where pyEdgeEval is
-    installed; the edge BCE otherwise); eval_workers: processes for its boundary matching; edge_thresholds: its
-    number of thresholds (99 as SEISM)."""
+    of the ASE forwards. `batch_size` is this rank's. edge_ods: compute the edge odsF (the edge BCE otherwise, and
+    also with the pyedgeeval matcher where pyEdgeEval is not installed); eval_workers: processes for its boundary
+    matching; edge_thresholds: its number of thresholds (99 as SEISM); edge_matcher: "fast" or "pyedgeeval"
+    (metrics.EdgeMeter)."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     was_training = model.training
     model.eval()
     meters = make_meters(model.tasks, device, edge_ods=edge_ods, edge_thresholds=edge_thresholds,
-                         eval_workers=eval_workers)
+                         eval_workers=eval_workers, edge_matcher=edge_matcher)
     sampler = DistributedSampler(val_set, world, rank, shuffle=False, drop_last=False)
     loader = DataLoader(val_set, batch_size=max(1, batch_size), sampler=sampler, num_workers=workers,
                         collate_fn=collate)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from .data import IGNORE, NUM_OUTPUTS
+from .edge_match import match_counts
 from .losses import EDGE_POS_WEIGHT
 
 
@@ -160,8 +161,9 @@ def _boundary_matcher():
     ground truth within a distance tolerance), or None where pyEdgeEval is not installed (said once: the answer is
     cached for the process and the workers it forks)."""
     if importlib.util.find_spec("pyEdgeEval") is None:
-        warnings.warn("pyEdgeEval is not installed: no edge odsF (the edge metric is the balanced BCE, and "
-                      "delta_m leaves edges out). Install it with: pip install -e \".[eval]\"", stacklevel=2)
+        warnings.warn("pyEdgeEval is not installed: no edge odsF with --edge-matcher pyedgeeval (the edge metric "
+                      "is the balanced BCE, and delta_m leaves edges out). Install it with: pip install -e "
+                      "\".[eval]\", or use --edge-matcher fast", stacklevel=2)
         return None
     try:
         from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
@@ -177,11 +179,14 @@ def edge_thresholds(n: int) -> np.ndarray:
     return np.linspace(1.0 / (n + 1), 1.0 - 1.0 / (n + 1), n)
 
 
-def _match_counts(thresholds, prob_u8, gt, max_dist):
-    """One image's (count_r, sum_r, count_p, sum_p) per threshold (4, n): pyEdgeEval's single-gt matching, with
-    the prediction thinned at each threshold (SEISM edgesEvalImg.m). Runs in worker processes."""
-    match = _boundary_matcher()
-    counts = match(thresholds, prob_u8.astype(np.float64) / 255.0, gt, max_dist=max_dist, apply_thinning=True)
+def _match_counts(thresholds, prob_u8, gt, max_dist, matcher="fast"):
+    """One image's (count_r, sum_r, count_p, sum_p) per threshold (4, n): pyEdgeEval's single-gt matching, or its
+    fast equivalent (edge_match.py), with the prediction thinned at each threshold (SEISM edgesEvalImg.m). Runs in
+    worker processes."""
+    prob = prob_u8.astype(np.float64) / 255.0
+    if matcher == "fast":
+        return match_counts(thresholds, prob, gt, max_dist)
+    counts = _boundary_matcher()(thresholds, prob, gt, max_dist=max_dist, apply_thinning=True)
     return np.stack(counts[:4])
 
 
@@ -189,19 +194,24 @@ class EdgeMeter(Meter):
     """Edge detection, in the SEISM protocol that the reference code uses (seism, via Multi-Task-Learning-PyTorch
     evaluation/eval_edge.py and seism/pr_curves_base.m):
 
-    - odsF (percent, where pyEdgeEval is installed and ``ods`` is on): for each of 99 thresholds, the prediction
-      (read back as 8-bit) is binarised and thinned, matched to the thinned full-resolution ground truth within
-      max_dist = 0.0075 of the image diagonal, and the matched / total pixel counts of every image are summed over
-      the dataset (gather_measure.m); odsF is the best F = 2 P R / (P + R) over thresholds;
+    - odsF (percent, where ``ods`` is on): for each of 99 thresholds, the prediction (read back as 8-bit) is
+      binarised and thinned, matched to the thinned full-resolution ground truth within max_dist = 0.0075 of the
+      image diagonal, and the matched / total pixel counts of every image are summed over the dataset
+      (gather_measure.m); odsF is the best F = 2 P R / (P + R) over thresholds;
     - loss: the balanced BCE (pos weight 0.95) of the prediction against the labels, over the dataset's valid
       pixels (lower is better); the metric where odsF is not computed.
 
-    workers > 0 spreads the matching (one assignment problem per image and threshold) over that many processes.
+    matcher: "fast" (edge_match.py: a maximum matching, pyEdgeEval's count up to its own run-to-run spread) or
+    "pyedgeeval" (its BSDS assignment; no odsF where pyEdgeEval is not installed). workers > 0 spreads the
+    matching (per image, all thresholds) over that many processes.
     """
 
     def __init__(self, device="cpu", thresholds: int = 99, max_dist: float = 0.0075, ods: bool = True,
-                 workers: int = 0):
-        self.match = _boundary_matcher() if ods else None
+                 workers: int = 0, matcher: str = "fast"):
+        if matcher not in ("fast", "pyedgeeval"):
+            raise ValueError(f"edge matcher: expected 'fast' or 'pyedgeeval', got {matcher!r}")
+        self.matcher = matcher
+        self.match = (matcher == "fast" or _boundary_matcher()) if ods else None
         self.thresholds = edge_thresholds(thresholds)
         self.max_dist, self.workers = max_dist, workers
         self._pool, self._pending = None, []
@@ -227,9 +237,10 @@ class EdgeMeter(Meter):
                     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                                       else "spawn")
                     self._pool = ctx.Pool(self.workers)
-                self._pending.append(self._pool.apply_async(_match_counts, (self.thresholds, p8, g, self.max_dist)))
+                self._pending.append(self._pool.apply_async(_match_counts, (self.thresholds, p8, g, self.max_dist,
+                                                                            self.matcher)))
             else:
-                self._add(_match_counts(self.thresholds, p8, g, self.max_dist))
+                self._add(_match_counts(self.thresholds, p8, g, self.max_dist, self.matcher))
 
     def _add(self, counts: np.ndarray) -> None:
         self.state[2:] += torch.as_tensor(counts, dtype=torch.float64).flatten().to(self.state)
@@ -261,9 +272,9 @@ class EdgeMeter(Meter):
 
 
 def make_meters(tasks, device="cpu", *, edge_ods: bool = True, edge_thresholds: int = 99,
-                eval_workers: int = 0) -> dict[str, Meter]:
-    """One meter per task. edge_ods: compute the edge odsF (where pyEdgeEval is installed); eval_workers: processes
-    for its boundary matching."""
+                eval_workers: int = 0, edge_matcher: str = "fast") -> dict[str, Meter]:
+    """One meter per task. edge_ods: compute the edge odsF; eval_workers: processes for its boundary matching;
+    edge_matcher: "fast" or "pyedgeeval" (EdgeMeter)."""
     meters = {}
     for t in tasks:
         if t == "semseg":
@@ -275,7 +286,8 @@ def make_meters(tasks, device="cpu", *, edge_ods: bool = True, edge_thresholds: 
         elif t == "normals":
             meters[t] = NormalsMeter(device)
         elif t == "edge":
-            meters[t] = EdgeMeter(device, thresholds=edge_thresholds, ods=edge_ods, workers=eval_workers)
+            meters[t] = EdgeMeter(device, thresholds=edge_thresholds, ods=edge_ods, workers=eval_workers,
+                                  matcher=edge_matcher)
         else:
             raise ValueError(f"unknown task {t!r}")
     return meters

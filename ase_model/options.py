@@ -119,10 +119,12 @@ def parser() -> argparse.ArgumentParser:
                    help="epochs between evaluations with the edge odsF (needs pyEdgeEval; the final evaluation "
                         "always has it; the others report the edge BCE); 0: the final evaluation only")
     g.add_argument("--eval-workers", type=int, default=0, help="processes for the edge odsF boundary matching")
+    g.add_argument("--edge-matcher", default="fast", choices=["fast", "pyedgeeval"],
+                   help="the edge odsF boundary matching: fast (a maximum matching, the count pyEdgeEval's "
+                        "assignment reaches up to its run-to-run spread; about 1 s per 500x375 image at 99 "
+                        "thresholds) or pyedgeeval (the BSDS assignment itself, 47-185 s per image; needs pyEdgeEval)")
     g.add_argument("--edge-thresholds", type=int, default=99,
-                   help="thresholds of the edge odsF (SEISM's 99; the matching costs one assignment per image and "
-                        "threshold: 47 s for one 500x375 image at 99 on a shared, loaded CPU core; spread it with "
-                        "--eval-workers)")
+                   help="thresholds of the edge odsF (SEISM's 99; the matching runs once per image and threshold)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt, with the options saved in "
                    "it (a changed model or data option is refused, a changed schedule option applied)")
@@ -145,7 +147,7 @@ CHECKPOINT_OPTIONS = ("tasks", "img_size", "patch_size", "embed_dim", "depth", "
                       "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
                       "synthetic_dir", "synthetic_size", "seed", "pretrained", "pretrained_sha256")
 # --resume takes every option from the checkpoint except these, which say how to run, not what
-RUN_CONTROL = ("config", "output", "resume", "overwrite", "eval_only", "max_steps", "eval_workers")
+RUN_CONTROL = ("config", "output", "resume", "overwrite", "eval_only", "max_steps", "eval_workers", "edge_matcher")
 # ... and refuses to change what the run is (the model, its weights, its data and their order)
 FIXED_ON_RESUME = tuple(k for k in CHECKPOINT_OPTIONS if k != "pretrained") + ("preset", "batch_size", "augment")
 # ... and applies a changed schedule, saying so (the run is then no longer the one it would have been)

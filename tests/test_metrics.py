@@ -188,7 +188,7 @@ def test_edge_ods_f_sums_boundary_counts_over_images(monkeypatch):
         return tuple(np.array(c, dtype=float) for c in zip(*counts, strict=True))
 
     monkeypatch.setattr(metrics, "_boundary_matcher", lambda: exact_match)
-    meter = EdgeMeter(thresholds=3)  # thresholds 0.25, 0.5 and 0.75
+    meter = EdgeMeter(thresholds=3, matcher="pyedgeeval")  # thresholds 0.25, 0.5 and 0.75
     prob = torch.tensor([0.9, 0.3, 0.6, 0.1])
     meter.update(prob.view(1, 1, 4), torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]))
     # t = 0.25: predicted 1 1 1 0 -> R 2/2, P 2/3, F 0.8; t = 0.5: 1 0 1 0 -> F 1/2; t = 0.75: 1 0 0 0 -> F 2/3
@@ -198,10 +198,13 @@ def test_edge_ods_f_sums_boundary_counts_over_images(monkeypatch):
     assert meter.compute()["odsF"] == pytest.approx(200 / 3)
 
 
-def test_edge_meter_reports_ods_f_only_with_pyedgeeval():
-    meter = EdgeMeter()
-    meter.update(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
-    assert ("odsF" in meter.compute()) == HAS_PYEDGEEVAL
+def test_edge_meter_reports_ods_f_with_pyedgeeval_s_matcher_only_where_it_is_installed():
+    for matcher, has_ods in (("fast", True), ("pyedgeeval", HAS_PYEDGEEVAL)):
+        meter = EdgeMeter(matcher=matcher)
+        meter.update(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
+        assert ("odsF" in meter.compute()) == has_ods, matcher
+    with pytest.raises(ValueError, match="edge matcher"):
+        EdgeMeter(matcher="csa")
 
 
 def _edge_images(seed=3):
@@ -224,8 +227,10 @@ def _edge_images(seed=3):
     return out
 
 
-@pytest.mark.parametrize("workers", [pytest.param(0, id="in-process"), pytest.param(2, id="2-workers")])
-def test_edge_ods_f_matches_pyedgeeval(pyedgeeval, workers):
+@pytest.mark.parametrize("matcher,workers", [pytest.param("fast", 0, id="fast-in-process"),
+                                             pytest.param("fast", 2, id="fast-2-workers"),
+                                             pytest.param("pyedgeeval", 2, id="pyedgeeval-2-workers")])
+def test_edge_ods_f_matches_pyedgeeval(pyedgeeval, matcher, workers):
     from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
     from pyEdgeEval.common.metrics import compute_rec_prec_f1
     from pyEdgeEval.common.utils import check_thresholds
@@ -238,13 +243,14 @@ def test_edge_ods_f_matches_pyedgeeval(pyedgeeval, workers):
         total += np.stack(evaluate_boundaries_threshold(thresholds, np.floor(prob * 255) / 255, gt, max_dist=0.0075,
                                                         apply_thinning=True))
     _, _, f1 = compute_rec_prec_f1(*total)
-    meter = EdgeMeter(workers=workers)
+    meter = EdgeMeter(workers=workers, matcher=matcher)
     for prob, gt in images:
         meter.update(torch.as_tensor(prob)[None], torch.as_tensor(gt, dtype=torch.float32)[None])
     ods = meter.compute()["odsF"]
     counts = meter.state[2:].view(4, -1).numpy()
     # the ground-truth and (thinned) prediction pixel counts are exact; the matched counts come from BSDS's
-    # assignment solver, which breaks ties at random (the same call can match a pixel or two more or less)
+    # assignment solver, whose outlier connections are random (the same call can match a pixel or two more or
+    # less), and the fast matcher's are the maximum it approaches (tests/test_edge_match.py)
     np.testing.assert_array_equal(counts[[1, 3]], total[[1, 3]])
     np.testing.assert_allclose(counts[[0, 2]], total[[0, 2]], rtol=0.02, atol=2)
     assert ods == pytest.approx(100 * f1.max(), abs=1.0)

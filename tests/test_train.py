@@ -178,6 +178,7 @@ def test_options_resolve_preset_then_config_then_command_line(tmp_path):
     args = options.resolve_args(["-c", str(cfg), "--epochs", "9"])
     assert (args.preset, args.embed_dim, args.lr, args.epochs) == ("paper", 768, 0.5, 9)
     assert options.resolve_args([]).embed_dim == options.PRESETS["tiny"]["embed_dim"]
+    assert options.resolve_args([]).edge_matcher == "fast"
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(SystemExit):
         options.resolve_args(["-c", str(cfg)])
@@ -411,6 +412,7 @@ def test_bad_options_are_refused_at_parse_time(tiny, tmp_path, capsys, bad, expe
     ({"tasks": "semseg"}, "--tasks: expected a list of one or more values, got 'semseg'"),
     ({"tasks": []}, "--tasks: expected a list of one or more values, got []"),
     ({"augment": "x"}, "--augment: expected one of reference, crop, got 'x'"),
+    ({"edge_matcher": "csa"}, "--edge-matcher: expected one of fast, pyedgeeval, got 'csa'"),
 ])
 def test_bad_config_file_values_are_refused_like_the_command_line(tiny, tmp_path, capsys, config, expected):
     """argparse checks choices and list options on the command line only: values from -c FILE are checked too."""
