@@ -37,6 +37,11 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 OWN = ("-c", "--config", "--output", "--resume", "--overwrite", "--eval-only")
 
 
+def say(msg: str) -> None:
+    """A line to stderr, above the progress bar."""
+    tqdm.write(msg, file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -169,7 +174,7 @@ class Sweep:
                 state = row_state(run_dir, self.epochs[name])
                 if state == "done":
                     outcome[name] = "skipped"
-                    bar.write(f"row {i}/{len(self.rows)} {name}: finished before, not run again")
+                    say(f"row {i}/{len(self.rows)} {name}: finished before, not run again")
                     continue
                 outcome[name] = self.run_row(name, config, run_dir, state, bar, i, logs)
                 if self.signal is not None:
@@ -184,7 +189,7 @@ class Sweep:
         cmd = command(config, run_dir, state, self.args, self.passthrough)
         log = os.path.join(logs, f"{name}.log")
         epochs, before = self.epochs[name], epochs_logged(run_dir)
-        bar.write(f"row {i}/{len(self.rows)} {name}: {'resuming' if state == 'resume' else 'starting'} "
+        say(f"row {i}/{len(self.rows)} {name}: {'resuming' if state == 'resume' else 'starting'} "
                   f"(log: {log})")
         with open(log, "a") as out:
             out.write(f"\n$ {shlex.join(cmd)}\n")
@@ -211,12 +216,12 @@ class Sweep:
         if now >= epochs:
             return "done"
         if self.signal is not None:
-            bar.write(f"row {name}: stopped by {signal.Signals(self.signal).name} at epoch {now}/{epochs} "
+            say(f"row {name}: stopped by {signal.Signals(self.signal).name} at epoch {now}/{epochs} "
                       "(it saved last.pt); the same command continues the sweep")
             return "stopped"
         with open(log) as f:
             tail = f.read().strip().splitlines()[-3:]
-        bar.write(f"row {name}: FAILED (exit {code}) at epoch {now}/{epochs}; the sweep goes on. Last lines of {log}:"
+        say(f"row {name}: FAILED (exit {code}) at epoch {now}/{epochs}; the sweep goes on. Last lines of {log}:"
                   + "".join(f"\n    {line}" for line in tail))
         return f"failed (exit {code})"
 
