@@ -15,6 +15,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 import yaml
 
 matplotlib.use("Agg")
@@ -222,6 +223,7 @@ def write_figures(runs: dict, output: str, reference: dict | None = None) -> lis
             ax.bar(xs, [v for v in values if v is not None], width=0.4,
                    label={"naive": "naive shared (Eq. 5)", "adaptive": "ASE"}[mode])
         ax.set_xticks([i + 0.2 for i in range(len(shapes))], ["/".join(map(str, c)) for c in shapes])
+        ax.set_xlim(-0.4, len(shapes) - 0.2)
         ax.axhline(0, color="k", lw=0.8)
         _finish(fig, ax, "N/k/S/r", label, f"Fig. 2: naive shared experts vs ASE{synthetic}")
         paths.append(_save(fig, output, "fig2.png"))
@@ -256,6 +258,7 @@ def write_figures(runs: dict, output: str, reference: dict | None = None) -> lis
                 axes[0, t].plot(range(1, len(gates) + 1), gates, marker=".", label=f"epoch {epoch}")
             axes[0, t].set_title(task)
             axes[0, t].set_xlabel("layer")
+            axes[0, t].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes[0, 0].set_ylabel("mean shared-expert gate")
         axes[0, -1].legend(fontsize=7)
         fig.suptitle(f"Fig. 4: shared-expert gate per layer, ASE {shape(gated['config'])}{synthetic}", fontsize=10)
