@@ -159,7 +159,8 @@ class Sweep:
             self.proc.send_signal(signum)  # the row finishes its step, saves last.pt and exits
 
     def run(self) -> dict[str, str]:
-        """{row: outcome} of this invocation: done, skipped (finished before), failed (exit N), stopped."""
+        """{row: outcome} of the rows this invocation reached: done, skipped (finished before), failed (exit N),
+        stopped (by a signal, or --max-steps)."""
         args = self.args
         logs = os.path.join(args.output, "logs")
         os.makedirs(logs, exist_ok=True)
@@ -170,6 +171,8 @@ class Sweep:
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for i, (name, config) in enumerate(self.rows.items(), 1):
+                if self.signal is not None:  # came between two rows
+                    break
                 run_dir = os.path.join(args.output, name)
                 state = row_state(run_dir, self.epochs[name])
                 if state == "done":
@@ -177,8 +180,6 @@ class Sweep:
                     say(f"row {i}/{len(self.rows)} {name}: finished before, not run again")
                     continue
                 outcome[name] = self.run_row(name, config, run_dir, state, bar, i, logs)
-                if self.signal is not None:
-                    break
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -189,14 +190,15 @@ class Sweep:
         cmd = command(config, run_dir, state, self.args, self.passthrough)
         log = os.path.join(logs, f"{name}.log")
         epochs, before = self.epochs[name], epochs_logged(run_dir)
-        say(f"row {i}/{len(self.rows)} {name}: {'resuming' if state == 'resume' else 'starting'} "
-                  f"(log: {log})")
+        say(f"row {i}/{len(self.rows)} {name}: {'resuming' if state == 'resume' else 'starting'} (log: {log})")
         with open(log, "a") as out:
             out.write(f"\n$ {shlex.join(cmd)}\n")
             out.flush()
             # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once (a second
             # SIGINT would stop the row without saving)
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            if self.signal is not None:  # came while it started
+                self.proc.send_signal(self.signal)
             seen = before
             bar.set_description(f"row {i}/{len(self.rows)} {name} epoch {seen}/{epochs}")
             while True:
@@ -216,13 +218,16 @@ class Sweep:
         if now >= epochs:
             return "done"
         if self.signal is not None:
-            say(f"row {name}: stopped by {signal.Signals(self.signal).name} at epoch {now}/{epochs} "
-                      "(it saved last.pt); the same command continues the sweep")
+            say(f"row {name}: stopped by {signal.Signals(self.signal).name} at epoch {now}/{epochs} (it saved "
+                "last.pt); the same command continues the sweep")
+            return "stopped"
+        if code == 0:  # a pass-through --max-steps
+            say(f"row {name}: ended at epoch {now}/{epochs} without an error (--max-steps?); it resumes next time")
             return "stopped"
         with open(log) as f:
             tail = f.read().strip().splitlines()[-3:]
         say(f"row {name}: FAILED (exit {code}) at epoch {now}/{epochs}; the sweep goes on. Last lines of {log}:"
-                  + "".join(f"\n    {line}" for line in tail))
+            + "".join(f"\n    {line}" for line in tail))
         return f"failed (exit {code})"
 
 

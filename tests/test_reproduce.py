@@ -118,6 +118,30 @@ def test_a_killed_sweep_resumes_skips_finished_rows_and_reports(tiny, tmp_path, 
             assert image.width > 100 and image.height > 100, name
 
 
+def test_a_failed_row_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    """Row files of the user's own (--configs); the trainer replaced by a stand-in: the first row fails, the second
+    logs its epoch."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("a-fails", "b-works"):
+        (configs / f"{name}.yaml").write_text("seed: 1\nepochs: 1\n")
+
+    def stand_in(config, run_dir, state, args, passthrough):
+        if config.endswith("a-fails.yaml"):
+            return [sys.executable, "-c", "import sys; print('boom: a bad file'); sys.exit(3)"]
+        return [sys.executable, "-c", f"import os; os.makedirs({run_dir!r}); "
+                                      f"open(os.path.join({run_dir!r}, 'metrics.jsonl'), 'w').write('{{}}\\n')"]
+
+    monkeypatch.setattr(reproduce, "command", stand_in)
+    out = str(tmp_path / "sweep")
+    assert reproduce.main(["--configs", str(configs), "--output", out, "--no-report"]) == 1
+    err = capsys.readouterr().err
+    assert "row a-fails: FAILED (exit 3) at epoch 0/1; the sweep goes on" in err and "boom: a bad file" in err
+    assert "row 2/2 b-works: starting" in err and "1 of 2 rows finished, failed: a-fails" in err
+    assert reproduce.main(["--configs", str(configs), "--output", out, "--no-report"]) == 1
+    assert "row 2/2 b-works: finished before" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_or_two_lines(tmp_path, capsys):
     out = str(tmp_path / "paper")
     for argv, expected in [(["--rows", "nope"], "--rows nope: no such row"),
