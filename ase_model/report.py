@@ -91,7 +91,7 @@ def build_table(runs: dict, paper: dict | None = None, reference: dict | None = 
     rows = []
     for name in order:
         run = runs[name]
-        ours = {t: run["results"].get(t, {}).get(ref["metric"]) for t, ref in reference.items()
+        ours = {t: finite(run["results"].get(t, {}).get(ref["metric"])) for t, ref in reference.items()
                 if t in run["config"]["tasks"]}
         dm_paper, used_paper = delta_m(run["results"], reference)
         dm_own, used_own = delta_m(run["results"], own)

@@ -142,7 +142,7 @@ def test_a_failed_row_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkey
     assert "row 2/2 b-works: finished before" in capsys.readouterr().err
 
 
-def test_user_errors_are_one_or_two_lines(tmp_path, capsys):
+def test_user_errors_are_one_or_two_lines(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "paper")
     for argv, expected in [(["--rows", "nope"], "--rows nope: no such row"),
                            (["--rows", "mtl-vit", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
@@ -153,6 +153,18 @@ def test_user_errors_are_one_or_two_lines(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert 1 <= len(err) <= 2 and expected in err[0] and "Traceback" not in "".join(err), err
     assert not os.path.exists(out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert reproduce.main(["--output", out, "--dry-run"]) == 2
+    assert "not under torchrun" in capsys.readouterr().err
+
+
+def test_several_processes_run_every_row_under_torchrun(tmp_path, capsys):
+    assert reproduce.main(["--output", str(tmp_path), "--rows", "ase-32-6-2-2", "--nproc-per-node", "8",
+                           "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "# ase-32-6-2-2: new"
+    assert "-m torch.distributed.run --standalone --nproc-per-node 8 -m ase_model.train -c " in printed[1]
+    assert printed[1].endswith(f"--output {tmp_path}/ase-32-6-2-2")
 
 
 def test_the_checked_in_sweep_loads_and_holds_every_row_once():
