@@ -34,7 +34,7 @@ from .errors import UserError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 # what the sweep sets for every row itself: the trainer options a user may not pass through
-OWN = ("-c", "--config", "--output", "--resume", "--overwrite", "--eval-only")
+OWN = ("config", "output", "resume", "overwrite", "eval_only")
 
 
 def say(msg: str) -> None:
@@ -48,7 +48,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ase_model.reproduce", description=__doc__,
+    # no abbreviations: an option it does not know is the trainer's, however it starts
+    p = _Parser(prog="python -m ase_model.reproduce", description=__doc__, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="dataset root, passed to every row (default: synthetic data, labelled as such)")
     p.add_argument("--pretrained", help="ViT weights, passed to every row (default: a random backbone, which the "
@@ -120,13 +121,18 @@ def command(config: str, run_dir: str, state: str, args, passthrough: list[str])
 def check(args, passthrough: list[str], rows: dict[str, str]) -> dict[str, int]:
     """Every row's options resolved as the trainer will (a bad row file or pass-through option is refused before
     anything runs); returns the epochs of each row."""
+    from .options import parser as parser_of_train
     from .options import resolve_args
 
     if "WORLD_SIZE" in os.environ:
         raise UserError("run it with python, not under torchrun: --nproc-per-node N starts every row with torchrun")
-    own = [a for a in passthrough if a.split("=")[0] in OWN]
+    # as the trainer's parser reads them (it takes abbreviations: --out is --output)
+    train = parser_of_train()
+    given, _ = train.parse_known_args(passthrough)
+    own = [name for name in OWN if getattr(given, name) != train.get_default(name)]
     if own:
-        raise UserError(f"{own[0]}: the sweep sets it for every row (one run directory per row under --output)")
+        raise UserError(f"--{own[0].replace('_', '-')}: the sweep sets it for every row (one run directory per row "
+                        "under --output)")
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be positive, got {args.nproc_per_node}")
     if args.data and not os.path.isdir(args.data):

@@ -147,6 +147,7 @@ def test_user_errors_are_one_or_two_lines(tmp_path, capsys, monkeypatch):
     for argv, expected in [(["--rows", "nope"], "--rows nope: no such row"),
                            (["--rows", "mtl-vit", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
                            (["--overwrite"], "--overwrite: the sweep sets it"),
+                           (["--out", "elsewhere"], "--output: the sweep sets it"),
                            (["--data", str(tmp_path / "nowhere")], "no such directory"),
                            (["--dataset", "nowhere"], "--dataset nowhere: no sweep for it")]:
         assert reproduce.main(["--output", out, *argv]) == 2
