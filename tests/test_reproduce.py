@@ -184,4 +184,9 @@ def test_the_checked_in_sweep_loads_and_holds_every_row_once():
     with open(os.path.join(os.path.dirname(reproduce.__file__), "paper_table1.yaml")) as f:
         paper = yaml.safe_load(f)
     assert set(paper["rows"]) - {paper["reference_row"]} <= names  # every transcribed row has its run
+    reference = paper["rows"][paper["reference_row"]]
+    assert {t: reference[t] for t in PAPER_SINGLE_TASK} == {t: v for t, (_, v, _) in PAPER_SINGLE_TASK.items()}
+    for name, row in paper["rows"].items():  # a complete row's delta_m follows from its cells (the transcription)
+        if row["delta_m"] is not None:
+            assert _delta_m(row, PAPER_SINGLE_TASK) == pytest.approx(row["delta_m"], abs=0.01), name
     assert {f"single-{t}" for t in ("semseg", "human-parts", "sal", "normals", "edge")} <= names
