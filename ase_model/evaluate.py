@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .data import collate
+from .errors import UserError
 from .metrics import delta_m, load_reference, make_meters
 from .options import REFERENCE
 from .synthetic import is_synthetic
@@ -40,12 +41,14 @@ def decode(task: str, logits: torch.Tensor, size) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: int, amp: bool,
              reference: str = REFERENCE, show: bool = True, edge_ods: bool = True, eval_workers: int = 0,
-             edge_thresholds: int = 99, edge_matcher: str = "fast") -> dict:
+             edge_thresholds: int = 99, edge_matcher: str = "fast", edge_ids: str | None = None) -> dict:
     """Metrics over `val_set`, reduced over the ranks of the default process group (if any); routing statistics
     of the ASE forwards. `batch_size` is this rank's. edge_ods: compute the edge odsF (the edge BCE otherwise, and
     also with the pyedgeeval matcher where pyEdgeEval is not installed); eval_workers: processes for its boundary
     matching; edge_thresholds: its number of thresholds (99 as SEISM); edge_matcher: "fast" or "pyedgeeval"
-    (metrics.EdgeMeter)."""
+    (metrics.EdgeMeter); edge_ids: a file of image ids, one a line, whose images alone score the edges (SEISM's
+    test_new list, as MTL-PyTorch's seism evaluation, evaluation/seism/pr_curves_base.m); None: all of the split (as
+    ASTMT). With a list, results["edge"]["images"] says how many were scored."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     was_training = model.training
     model.eval()
@@ -54,6 +57,13 @@ def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: 
     sampler = DistributedSampler(val_set, world, rank, shuffle=False, drop_last=False)
     loader = DataLoader(val_set, batch_size=max(1, batch_size), sampler=sampler, num_workers=workers,
                         collate_fn=collate)
+    edge_scored = None  # per image of val_set: whether it scores the edges (None: all do)
+    if edge_ids is not None and "edge" in model.tasks:
+        with open(edge_ids) as f:
+            listed = {line.strip() for line in f if line.strip()}
+        edge_scored = [i in listed for i in val_set.ids]
+        if not any(edge_scored):
+            raise UserError(f"--edge-ids {edge_ids}: none of its ids is an image of the {val_set.split} split")
     done = 0  # samples of this rank so far
     gates, loads, batches = None, None, 0
     for batch in tqdm(loader, disable=not show, desc="eval", leave=False):
@@ -69,6 +79,8 @@ def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: 
         for i in torch.nonzero(fresh).flatten().tolist():
             size = batch["size"][i].tolist()
             for t in model.tasks:
+                if t == "edge" and edge_scored is not None and not edge_scored[int(batch["index"][i])]:
+                    continue
                 target = batch[t][i].to(device)
                 meters[t].update(decode(t, preds[t][i], size)[None], target[None])
         stats = model.routing_stats()
@@ -80,6 +92,8 @@ def evaluate(model, val_set, *, device: torch.device, batch_size: int, workers: 
     for t, meter in meters.items():
         meter.reduce()
         results[t] = meter.compute()
+    if edge_scored is not None:
+        results["edge"]["images"] = sum(edge_scored)
     value, used = delta_m(results, load_reference(reference))
     results["delta_m"] = {"value": value, "tasks": used, "synthetic": is_synthetic(val_set.root)}
     if gates is not None:

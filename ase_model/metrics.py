@@ -117,10 +117,23 @@ class SaliencyMeter(Meter):
         return {"mIoU": 100.0 * jaccard.max().item(), "maxF": 100.0 * f.max().item()}
 
 
+def normal_ize(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x / (|x| + 1e-12) along dim: evaluation/eval_normals.py ``normal_ize`` (lines 18-20), which divides by the norm
+    plus 1e-12 (torch's F.normalize divides by max(norm, eps) instead)."""
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + 1e-12)
+
+
 class NormalsMeter(Meter):
-    """Angular error of the predicted normals over valid pixels (Multi-Task-Learning-PyTorch eval_normals.py):
-    mean, median (from a 0.05-degree histogram), RMSE, and the share within 11.25 / 22.5 / 30 degrees. The
-    prediction is read back as the reference's 8-bit PNG ((n + 1) 255 / 2, truncated) and renormalised."""
+    """Angular error of the predicted normals over valid pixels, as evaluation/eval_normals.py ``eval_normals``
+    scores the PNGs that evaluation/evaluate_utils.py ``save_model_predictions`` wrote: mean, median (from a
+    0.05-degree histogram), RMSE, and the share strictly within 11.25 / 22.5 / 30 degrees.
+
+    quantized (the reference): pred is the prediction as the reference writes it, unit normals at the network's
+    resolution resized to the label's (utils/utils.py ``get_output`` normalises before the resize, so pred need not be
+    of unit length); it is written as (n + 1) 255 / 2 truncated to uint8, read back as 2 p / 255 - 1 and renormalised
+    (eval_normals.py lines 36-38). Not quantized: pred (any length) is normalised. Either way the label is
+    renormalised (``label = normal_ize(label)``, eval_normals.py line 46): the 8-bit label decoded as 2 p / 255 - 1 is
+    not of unit length."""
 
     BINS = 3600  # 0.05-degree bins over [0, 180]
 
@@ -131,13 +144,12 @@ class NormalsMeter(Meter):
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred (B, 3, H, W) (any length); target (B, 3, H, W), IGNORE where invalid, at the same size."""
-        valid = target[:, 0] != IGNORE
-        pred = torch.nn.functional.normalize(pred.double(), dim=1)
-        if self.quantized:
-            pred = torch.nn.functional.normalize(2 * quantize((pred + 1) / 2) - 1, dim=1, eps=1e-12)
-        cos = (pred * target.double()).sum(1)[valid]
-        angle = torch.rad2deg(torch.acos(cos.clamp(-1, 1)))
+        """pred (B, 3, H, W); target (B, 3, H, W), IGNORE where invalid, at the same size."""
+        valid = target[:, 0] != IGNORE  # the reference's invalid pixels are zero vectors (its valid_mask, line 42)
+        pred = pred.double()
+        pred = normal_ize(2 * quantize((pred + 1) / 2) - 1) if self.quantized else normal_ize(pred)
+        cos = (pred * normal_ize(target.double())).sum(1)[valid]
+        angle = torch.rad2deg(torch.acos(cos.clamp(-1, 1)))  # eval_normals.py line 48
         self.state[: self.BINS] += torch.histc(angle, bins=self.BINS, min=0, max=180)
         self.state[self.BINS] += angle.sum()
         self.state[self.BINS + 1] += angle.square().sum()

@@ -125,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
                         "thresholds) or pyedgeeval (the BSDS assignment itself, 47-185 s per image; needs pyEdgeEval)")
     g.add_argument("--edge-thresholds", type=int, default=99,
                    help="thresholds of the edge odsF (SEISM's 99; the matching runs once per image and threshold)")
+    g.add_argument("--edge-ids", metavar="FILE", help="score the edges on the val images listed in FILE only (one "
+                   "id a line): SEISM's test_new list (2,498 images), as MTL-PyTorch's seism evaluation; default: all "
+                   "of val (5,105 images, as ASTMT)")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one per epoch)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt, with the options saved in "
                    "it (a changed model or data option is refused, a changed schedule option applied)")
@@ -152,7 +155,7 @@ RUN_CONTROL = ("config", "output", "resume", "overwrite", "eval_only", "max_step
 FIXED_ON_RESUME = tuple(k for k in CHECKPOINT_OPTIONS if k != "pretrained") + ("preset", "batch_size", "augment")
 # ... and applies a changed schedule, saying so (the run is then no longer the one it would have been)
 SCHEDULE_OPTIONS = ("epochs", "lr", "warmup_steps", "schedule", "weight_decay", "clip_grad", "mi_weight", "amp",
-                    "edge_eval_every", "edge_thresholds")
+                    "edge_eval_every", "edge_thresholds", "edge_ids")
 
 POSITIVE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "epochs", "batch_size", "lr",
             "eval_every", "log_every", "edge_thresholds")
@@ -207,6 +210,8 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--top-k {args.top_k} + --num-shared {args.num_shared} exceed --num-experts {args.num_experts}")
     if args.num_experts and args.mode == "none" and args.num_shared:
         p.error("--mode none is the baseline without shared experts: set --num-shared 0")
+    if args.edge_ids and not os.path.isfile(args.edge_ids):
+        p.error(f"--edge-ids {args.edge_ids}: no such file")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output, --overwrite replaces it: choose one")
     if args.eval_only and (args.resume or args.overwrite):

@@ -442,7 +442,8 @@ class Trainer:
         return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
                         workers=self.workers, amp=self.amp, reference=self.args.reference, show=self.main,
                         edge_ods=edge_ods, eval_workers=self.args.eval_workers,
-                        edge_thresholds=self.args.edge_thresholds, edge_matcher=self.args.edge_matcher)
+                        edge_thresholds=self.args.edge_thresholds, edge_matcher=self.args.edge_matcher,
+                        edge_ids=self.args.edge_ids)
 
     def log_record(self, record: dict) -> None:
         if not self.main:

@@ -9,6 +9,7 @@ import torch
 from ase_model import evaluate as ev
 from ase_model import metrics
 from ase_model.data import NUM_OUTPUTS, TASKS, PascalContextMT
+from ase_model.errors import UserError
 from ase_model.evaluate import decode, metrics_table
 from ase_model.synthetic import make_synthetic_pascal
 
@@ -97,3 +98,19 @@ def test_two_ranks_score_every_image_once(tmp_path, monkeypatch):
         ev.evaluate(_Constant(), val, device=torch.device("cpu"), batch_size=2, workers=0, amp=False, show=False,
                     edge_ods=False)
     assert sorted(scored) == sorted(torch.Size((1, *val.load(i)["image"].shape[:2])) for i in range(5))
+
+
+def test_edges_are_scored_on_the_listed_images_only(tmp_path, monkeypatch):
+    """--edge-ids: SEISM's test_new list (a subset of val) scores the edges; the other tasks keep all of val."""
+    root = make_synthetic_pascal(str(tmp_path / "syn"), num_train=1, num_val=4, size=12)
+    val = PascalContextMT(root, "val", img_size=8, train=False)
+    listed = tmp_path / "test_new.txt"
+    listed.write_text(f"{val.ids[3]}\n{val.ids[1]}\nnot_in_val\n")
+    edges = _record_updates(monkeypatch, "edge", lambda p, t: t.shape)
+    kwargs = dict(device=torch.device("cpu"), batch_size=3, workers=0, amp=False, show=False, edge_ods=False)
+    results = ev.evaluate(_Constant(), val, edge_ids=str(listed), **kwargs)
+    assert edges == [torch.Size((1, *val.load(i)["image"].shape[:2])) for i in (1, 3)]
+    assert results["edge"]["images"] == 2 and "images" not in results["semseg"]
+    listed.write_text("not_in_val\n")
+    with pytest.raises(UserError, match="none of its ids"):
+        ev.evaluate(_Constant(), val, edge_ids=str(listed), **kwargs)
