@@ -14,6 +14,7 @@ import yaml
 
 import ase_model.options as options
 import ase_model.train as train
+import ase_model.trainer as trainer_module
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +123,14 @@ def test_two_gloo_processes_match_one_process(tiny, tmp_path):
 
 def test_non_finite_loss_stops_without_a_broken_checkpoint(tiny, tmp_path, monkeypatch):
     out = str(tmp_path / "nan")
-    real, calls = train.multi_task_loss, []
+    real, calls = trainer_module.multi_task_loss, []
 
     def poisoned(*args, **kwargs):
         total, parts = real(*args, **kwargs)
         calls.append(1)
         return (total * float("nan") if len(calls) == 3 else total), parts
 
-    monkeypatch.setattr(train, "multi_task_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "multi_task_loss", poisoned)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny + ["--output", out, "--checkpoint-every", "1"])
     assert stop.value.code == 2
@@ -141,7 +142,7 @@ def test_non_finite_loss_stops_without_a_broken_checkpoint(tiny, tmp_path, monke
 
 def test_non_finite_gradient_stops_before_the_step(tiny, tmp_path, monkeypatch):
     out = str(tmp_path / "nangrad")
-    real, calls = train.multi_task_loss, []
+    real, calls = trainer_module.multi_task_loss, []
 
     def poisoned(preds, *args, **kwargs):
         total, parts = real(preds, *args, **kwargs)
@@ -150,7 +151,7 @@ def test_non_finite_gradient_stops_before_the_step(tiny, tmp_path, monkeypatch):
             total = total + torch.sqrt(preds["semseg"].sum() * 0.0)
         return total, parts
 
-    monkeypatch.setattr(train, "multi_task_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "multi_task_loss", poisoned)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny + ["--output", out, "--checkpoint-every", "1", "--no-plots"])
     assert stop.value.code == 2
