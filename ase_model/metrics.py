@@ -154,6 +154,35 @@ class NormalsMeter(Meter):
                 "rmse": math.sqrt(self.state[self.BINS + 1].item() / n), **within}
 
 
+class DepthMeter(Meter):
+    """Depth error over the dataset's valid pixels, as Multi-Task-Learning-PyTorch evaluation/eval_depth.py
+    (eval_depth, lines 39-53): a pixel counts where its label is valid (not 0, which the loader marks IGNORE);
+    predictions at or below 0 become 1e-9 before the log; ``rmse = sqrt(sum (label - pred)^2 / n)`` and
+    ``log_rmse = sqrt(sum (ln label - ln pred)^2 / n)``, both summed over every valid pixel of the dataset (not
+    averaged per image). The prediction is not quantised: the reference saves depth as a float .mat."""
+
+    def __init__(self, device="cpu"):
+        # sum of squared errors, of squared log errors, valid pixel count
+        self.state = torch.zeros(3, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred (B, H, W) depth in metres; target (B, H, W), IGNORE (or 0) where invalid, at the same size."""
+        valid = (target != IGNORE) & (target != 0)
+        label = target.double()[valid]
+        pred = pred.double()[valid]
+        pred = torch.where(pred <= 0, torch.full_like(pred, 1e-9), pred)  # pred[pred <= 0] = 1e-9
+        self.state[0] += (label - pred).square().sum()
+        self.state[1] += (label.log() - pred.log()).square().sum()
+        self.state[2] += valid.sum()
+
+    def compute(self) -> dict[str, float]:
+        n = self.state[2].item()
+        if n == 0:
+            return {"rmse": float("nan"), "log_rmse": float("nan")}
+        return {"rmse": math.sqrt(self.state[0].item() / n), "log_rmse": math.sqrt(self.state[1].item() / n)}
+
+
 @functools.cache
 def _boundary_matcher():
     """pyEdgeEval's per-image boundary matching of the BSDS / SEISM protocol (thinned predictions matched to the

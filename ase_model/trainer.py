@@ -1,5 +1,6 @@
 """The training of a frozen ViT with Adaptive Shared Experts: the `Trainer`, which sets a run up (data, model,
-optimizer, schedule) and runs its loop. Its other concerns are mixed in from their own files: logging
+optimizer, schedule) and runs its loop. What the data is (tasks, losses, metrics) comes from the --dataset's module
+(ase_model/datasets/). Its other concerns are mixed in from their own files: logging
 (`runlog.py`), signals (`signals.py`), the state it saves and resumes (`resume.py`); the processes come from
 `distributed.py`, the command line from `train.py`."""
 
@@ -16,11 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .data import DataError, PascalContextMT
+from . import datasets
+from .data import DataError
 from .distributed import setup_distributed
 from .errors import UserError
 from .evaluate import evaluate, flatten
-from .losses import LOSS_WEIGHTS, multi_task_loss
+from .losses import multi_task_loss
 from .metrics import delta_m, load_reference
 from .model import build_model, load_pretrained
 from .resume import Resumable
@@ -56,7 +58,7 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def missing_files(dataset: PascalContextMT, limit: int = 5) -> tuple[list[str], int]:
+def missing_files(dataset, limit: int = 5) -> tuple[list[str], int]:
     """The first `limit` files of the dataset's samples that do not exist, and how many are missing in all."""
     missing = [path for i in range(len(dataset)) for path in dataset.files(i) if not os.path.exists(path)]
     return missing[:limit], len(missing)
@@ -80,9 +82,10 @@ class Trainer(RunLog, SignalStop, Resumable):
         # resumed on another machine takes that machine's default, not the first machine's
         self.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 0
         seed_everything(args.seed)
+        self.dataset = datasets.get(args.dataset)
         root = args.data
         if root is None:
-            synthetic = (args.synthetic_dir, *args.synthetic_size, args.seed)
+            synthetic = (args.synthetic_dir, *args.synthetic_size, args.seed, args.dataset)
             if self.main:
                 root = ensure_synthetic(*synthetic)
             if self.world > 1:
@@ -90,8 +93,8 @@ class Trainer(RunLog, SignalStop, Resumable):
             if not self.main:  # after rank 0 made it: found (a shared file system) or made here (a node's own)
                 root = ensure_synthetic(*synthetic)
         try:
-            self.train_set = PascalContextMT(root, "train", args.img_size, seed=args.seed, augment=args.augment)
-            self.val_set = PascalContextMT(root, "val", args.img_size, train=False)
+            self.train_set = self.dataset.loader(root, "train", args.img_size, seed=args.seed, augment=args.augment)
+            self.val_set = self.dataset.loader(root, "val", args.img_size, train=False)
         except DataError as e:
             raise UserError(f"--data {root}: {e}") from e
         for dataset in ([self.val_set] if args.eval_only else [self.train_set, self.val_set]):
@@ -101,6 +104,9 @@ class Trainer(RunLog, SignalStop, Resumable):
                                 f"{', '.join(first)}")
         self.model = build_model(args).to(self.device)
         self.load_backbone()
+        if not args.reference and not args.eval_only:
+            self.log(f"--dataset {args.dataset} ships no single-task reference numbers and no --reference is given: "
+                     "no delta_m, and no best.pt (last.pt holds the run)")
         self.net = self.model
         if self.world > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.index
@@ -189,8 +195,7 @@ class Trainer(RunLog, SignalStop, Resumable):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.net(images)
         targets = {t: batch[t].to(self.device, non_blocking=True) for t in self.model.tasks}
-        loss, parts = multi_task_loss({t: p.float() for t, p in preds.items()}, targets,
-                                      {t: LOSS_WEIGHTS[t] for t in self.model.tasks})
+        loss, parts = multi_task_loss({t: p.float() for t, p in preds.items()}, targets, self.dataset.tasks)
         mi = self.model.mi_loss() if self.args.mi_weight else loss.new_zeros(())
         total = loss + self.args.mi_weight * mi
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,16 +279,20 @@ class Trainer(RunLog, SignalStop, Resumable):
         return results
 
     def selection_score(self, results: dict) -> float:
-        """What best.pt is chosen by: delta_m over the tasks that every evaluation scores. The edge odsF is computed
-        only at the final evaluation and every --edge-eval-every epochs (the edge BCE has no reference number), so
-        edges count here only when every evaluation computes it; otherwise epochs would be compared on 5 tasks
-        against 4."""
-        keep = {t: m for t, m in results.items() if t != "edge" or self.args.edge_eval_every == 1}
+        """What best.pt is chosen by: delta_m over the tasks that every evaluation scores (NaN without a --reference:
+        no best.pt). A boundary task's odsF is computed only at the final evaluation and every --edge-eval-every
+        epochs (its BCE has no reference number), so it counts here only when every evaluation computes it;
+        otherwise epochs would be compared on 5 tasks against 4."""
+        if not self.args.reference:
+            return math.nan
+        tasks = datasets.get(self.args.dataset).tasks
+        keep = {t: m for t, m in results.items() if not (t in tasks and tasks[t].boundary)
+                or self.args.edge_eval_every == 1}
         return delta_m(keep, load_reference(self.args.reference))[0]
 
     def evaluate(self, edge_ods: bool = True) -> dict:
         """The validation metrics; the edge odsF (slow: boundary matching) where edge_ods, else the edge BCE."""
-        return evaluate(self.model, self.val_set, device=self.device, batch_size=self.per_rank,
+        return evaluate(self.model, self.val_set, self.dataset, device=self.device, batch_size=self.per_rank,
                         workers=self.workers, amp=self.amp, reference=self.args.reference, show=self.main,
                         edge_ods=edge_ods, eval_workers=self.args.eval_workers,
                         edge_thresholds=self.args.edge_thresholds)
