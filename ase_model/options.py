@@ -21,6 +21,9 @@ from .errors import UserError
 # options (this module's docstring is the --help text): presets, the parser, and how a preset, a config
 # file, a checkpoint and the command line combine into one resolved set
 
+DEFAULT_DATASET = "pascal_context"
+REFERENCE = datasets.get(DEFAULT_DATASET).reference  # the default dataset's delta_m reference file
+
 PRESETS = {
     # a tiny ViT on synthetic 64x64 images: about a minute on two CPU cores (96 steps, an evaluation per epoch)
     "tiny": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, head_dim=64, epochs=16,
@@ -68,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")
     add("--preset", choices=sorted(PRESETS), help="defaults for the model and schedule (default: tiny)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="pascal_context", choices=datasets.names(),
+    g.add_argument("--dataset", default=DEFAULT_DATASET, choices=datasets.names(),
                    help="the benchmark: its tasks, losses, metrics and layout (ase_model/datasets/)")
     g.add_argument("--data", help="the dataset's root (PASCAL_MT, NYUD_MT); default: a synthetic copy of its layout "
                    "generated under --synthetic-dir")
