@@ -2,8 +2,8 @@
 
 Each image is a room seen by a pinhole camera: a wall plane behind one to three planar objects. Every label
 comes from the same scene, so the tasks agree: a pixel's class is the class of the plane it sees, its depth is
-where its ray meets that plane, its normal is that plane's normal, and the edges are the class boundaries. Some
-images have an unlabelled patch (segmentation 0) and a patch without depth (0, as where the sensor saw nothing).
+where its ray meets that plane, its normal is that plane's normal, and the edges are the class boundaries. Every
+image has an unlabelled patch (segmentation 0) and a patch without depth (0, as where the sensor saw nothing).
 Colours depend on the class and darken with depth, so a model can learn the tasks.
 
 Geometry: camera coordinates x right, y down, z forward; focal length 0.8 W, principal point the image centre;
@@ -59,12 +59,10 @@ def _scene(rng, h, w):
         mask &= (z > 0) & (z < depth)  # in front of what it covers
         segmentation[mask], depth[mask], normals[mask] = cls, z[mask], n
     image = _PALETTE[segmentation] * (1.6 / (1 + 0.15 * depth))[..., None] + rng.normal(0, 8, size=(h, w, 3))
-    if rng.random() < 0.5:  # an unlabelled patch
-        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
-        segmentation[y0:y0 + h // 6, x0:x0 + w // 6] = 0
-    if rng.random() < 0.5:  # a patch the depth sensor missed
-        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
-        depth[y0:y0 + h // 8, x0:x0 + w // 5] = 0
+    y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    segmentation[y0:y0 + h // 6, x0:x0 + w // 6] = 0  # an unlabelled patch
+    y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    depth[y0:y0 + h // 8, x0:x0 + w // 5] = 0  # a patch the depth sensor missed
     return image.clip(0, 255).astype(np.uint8), segmentation, depth.astype(np.float32), normals.astype(np.float32)
 
 
