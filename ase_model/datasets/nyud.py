@@ -163,8 +163,8 @@ def make_meters(tasks, device="cpu", *, edge_ods: bool = True, edge_thresholds: 
     return {t: meters[t]() for t in tasks}
 
 
-# losses and weights: MTL configs/nyud/hrnet18/mti_net+edges_normals.yml lines 42-47 (semseg 1.0, depth 1.0,
-# normals 10, edge 50.0, edge_w 0.95 at line 38); the losses of utils/common_config.py get_loss lines 277-295
+# losses and weights: MTL configs/nyud/hrnet18/mti_net+edges_normals.yml lines 42-46 (semseg 1.0, depth 1.0,
+# normals 10, edge 50.0; edge_w 0.95 at line 37); the losses of utils/common_config.py get_loss lines 277-295
 TASKS = {
     "semseg": Task(NUM_CLASSES, cross_entropy, 1.0, "labels", "mIoU", False),
     "depth": Task(1, depth_l1, 1.0, "value", "rmse", True),
