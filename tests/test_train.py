@@ -626,6 +626,8 @@ def test_nyud_trains_to_a_depth_table_and_resumes_exactly(tiny, tmp_path, capsys
     train.main(tiny + ["--dataset", "nyud", "--output", parts, "--no-plots", "--max-steps", "3"])
     train.main(["--output", parts, "--no-plots", "--resume"])  # --dataset nyud comes from the checkpoint
     _assert_same_run(whole, parts, "after resume on NYUD")
+    again = train.main(["--output", str(tmp_path / "eval"), "--eval-only", os.path.join(whole, "last.pt")])
+    assert again["depth"]["rmse"] == pytest.approx(results["depth"]["rmse"])  # the dataset is the checkpoint's
 
 
 def test_nyud_missing_files_and_tasks_are_named_before_the_first_step(tiny, tmp_path, capsys):
