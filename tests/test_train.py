@@ -620,7 +620,8 @@ def test_nyud_trains_to_a_depth_table_and_resumes_exactly(tiny, tmp_path, capsys
     out = capsys.readouterr()
     assert set(results) == {"semseg", "depth", "normals", "edge", "delta_m", "routing"}
     assert results["depth"]["rmse"] > 0 and results["depth"]["log_rmse"] > 0
-    assert "| depth | rmse |" in out.out and "no delta_m" in out.out and "no single-task reference" in out.err
+    assert "| depth | rmse |" in out.out and "no delta_m" in out.out and "| delta_m |" not in out.out
+    assert "no single-task reference" in out.err
     assert not os.path.exists(os.path.join(whole, "best.pt")), "no reference: nothing to choose best.pt by"
     assert {"train/depth", "val/depth/rmse", "val/semseg/mIoU"} <= set(_history(whole)[-1])
     train.main(tiny + ["--dataset", "nyud", "--output", parts, "--no-plots", "--max-steps", "3"])
