@@ -1,12 +1,15 @@
-"""Task losses of the PASCAL-Context multi-task setup, as the reference code computes them
-(Multi-Task-Learning-PyTorch losses/loss_functions.py, the same in ASTMT and M3ViT):
+"""Task losses of the multi-task dense-prediction benchmarks, as the reference code computes them
+(Multi-Task-Learning-PyTorch losses/loss_functions.py, the same in ASTMT and M3ViT). Which task takes which loss
+and weight, each dataset says (ase_model/datasets/):
 
 - semseg, human parts: cross-entropy averaged over the valid (non-255) pixels of the whole batch
   (``NLLLoss(ignore_index=255)``); an image whose labels are all 255 adds nothing and dilutes nothing;
 - saliency: balanced BCE, positives weighted by the batch's fraction of negative pixels (``w`` per batch);
 - edges: balanced BCE with the fixed positive weight 0.95;
 - normals: L1 between the unit-normalised prediction and the label, summed over the valid elements (3 per valid
-  pixel) and divided by their number (``NormalsLoss(normalize=True)``).
+  pixel) and divided by their number (``NormalsLoss(normalize=True)``);
+- depth: L1 between the raw prediction and the label over the valid (non-255) pixels (``DepthLoss('l1')``:
+  ``L1Loss`` of the masked_select'ed values).
 
 Binary losses are averaged over the batch's valid pixels (the reference divides by every pixel of the batch; its
 labels have no void pixels, so the two agree; ours have IGNORE only where augmentation padded).
@@ -23,8 +26,6 @@ import torch.nn.functional as F
 
 from .data import IGNORE
 
-# DESIGN.md: CE 1.0, CE 2.0, balanced BCE 5.0, L1 on normalised normals 10.0, balanced BCE (pos weight 0.95) 50.0
-LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0, "edge": 50.0}
 EDGE_POS_WEIGHT = 0.95
 
 
@@ -87,24 +88,21 @@ def normals_l1(pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | 
     return _batch_mean(loss, valid, _world(distributed))
 
 
-def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | None = None) -> torch.Tensor:
-    if task in ("semseg", "human_parts"):
-        return cross_entropy(pred, target, distributed=distributed)
-    if task == "sal":
-        return balanced_bce(pred, target, distributed=distributed)
-    if task == "edge":
-        return balanced_bce(pred, target, EDGE_POS_WEIGHT, distributed=distributed)
-    if task == "normals":
-        return normals_l1(pred, target, distributed=distributed)
-    raise ValueError(f"unknown task {task!r}")
+def depth_l1(pred: torch.Tensor, target: torch.Tensor, *, distributed: bool | None = None) -> torch.Tensor:
+    """L1 between the raw depth prediction and the label, averaged over the batch's valid pixels. pred (B, 1, H, W),
+    target (B, H, W) in metres, IGNORE where invalid (Multi-Task-Learning-PyTorch losses/loss_functions.py
+    DepthLoss, lines 138-140)."""
+    valid = target != IGNORE
+    loss = (pred.float()[:, 0] - target.masked_fill(~valid, 0)).abs()
+    return _batch_mean(loss, valid, _world(distributed))
 
 
-def multi_task_loss(preds: dict, batch: dict, weights: dict | None = None, *, distributed: bool | None = None):
-    """Weighted sum of the task losses. Returns (total, {task: unweighted loss}), all 0-dim tensors.
+def multi_task_loss(preds: dict, batch: dict, tasks: dict, *, distributed: bool | None = None):
+    """Weighted sum of the task losses. tasks: {name: datasets.Task} (its loss and weight), for the tasks of preds.
+    Returns (total, {task: unweighted loss}), all 0-dim tensors.
 
     distributed: None (default) reduces the normalisers over the default process group when one is initialised;
     False computes the loss of this process's batch alone."""
-    weights = LOSS_WEIGHTS if weights is None else weights
-    losses = {t: task_loss(t, preds[t], batch[t], distributed=distributed) for t in preds}
-    total = sum(weights[t] * loss for t, loss in losses.items())
+    losses = {t: tasks[t].loss(preds[t], batch[t], distributed=distributed) for t in preds}
+    total = sum(tasks[t].weight * loss for t, loss in losses.items())
     return total, losses

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .data import IGNORE, NUM_OUTPUTS
+from .data import IGNORE
 from .edge_match import match_counts
 from .losses import EDGE_POS_WEIGHT
 
@@ -167,6 +167,35 @@ class NormalsMeter(Meter):
                 "rmse": math.sqrt(self.state[self.BINS + 1].item() / n), **within}
 
 
+class DepthMeter(Meter):
+    """Depth error over the dataset's valid pixels, as Multi-Task-Learning-PyTorch evaluation/eval_depth.py
+    (eval_depth, lines 39-53): a pixel counts where its label is valid (not 0, which the loader marks IGNORE);
+    predictions at or below 0 become 1e-9 before the log; ``rmse = sqrt(sum (label - pred)^2 / n)`` and
+    ``log_rmse = sqrt(sum (ln label - ln pred)^2 / n)``, both summed over every valid pixel of the dataset (not
+    averaged per image). The prediction is not quantised: the reference saves depth as a float .mat."""
+
+    def __init__(self, device="cpu"):
+        # sum of squared errors, of squared log errors, valid pixel count
+        self.state = torch.zeros(3, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred (B, H, W) depth in metres; target (B, H, W), IGNORE (or 0) where invalid, at the same size."""
+        valid = (target != IGNORE) & (target != 0)
+        label = target.double()[valid]
+        pred = pred.double()[valid]
+        pred = torch.where(pred <= 0, torch.full_like(pred, 1e-9), pred)  # pred[pred <= 0] = 1e-9
+        self.state[0] += (label - pred).square().sum()
+        self.state[1] += (label.log() - pred.log()).square().sum()
+        self.state[2] += valid.sum()
+
+    def compute(self) -> dict[str, float]:
+        n = self.state[2].item()
+        if n == 0:
+            return {"rmse": float("nan"), "log_rmse": float("nan")}
+        return {"rmse": math.sqrt(self.state[0].item() / n), "log_rmse": math.sqrt(self.state[1].item() / n)}
+
+
 @functools.cache
 def _boundary_matcher():
     """pyEdgeEval's per-image boundary matching of the BSDS / SEISM protocol (thinned predictions matched to the
@@ -281,28 +310,6 @@ class EdgeMeter(Meter):
             f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
             out["odsF"] = 100.0 * f.max().item()
         return out
-
-
-def make_meters(tasks, device="cpu", *, edge_ods: bool = True, edge_thresholds: int = 99,
-                eval_workers: int = 0, edge_matcher: str = "fast") -> dict[str, Meter]:
-    """One meter per task. edge_ods: compute the edge odsF; eval_workers: processes for its boundary matching;
-    edge_matcher: "fast" or "pyedgeeval" (EdgeMeter)."""
-    meters = {}
-    for t in tasks:
-        if t == "semseg":
-            meters[t] = ConfusionMeter(NUM_OUTPUTS[t], device)
-        elif t == "human_parts":
-            meters[t] = ConfusionMeter(NUM_OUTPUTS[t], device, skip_unlabelled=True)
-        elif t == "sal":
-            meters[t] = SaliencyMeter(device=device)
-        elif t == "normals":
-            meters[t] = NormalsMeter(device)
-        elif t == "edge":
-            meters[t] = EdgeMeter(device, thresholds=edge_thresholds, ods=edge_ods, workers=eval_workers,
-                                  matcher=edge_matcher)
-        else:
-            raise ValueError(f"unknown task {t!r}")
-    return meters
 
 
 def load_reference(path: str) -> dict:

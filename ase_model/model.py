@@ -5,7 +5,7 @@ embedding per task, task-specific routers, and one light dense head per task. Al
 import functools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import nn
 
 import ase_kernels as ak
 
-from .data import NUM_OUTPUTS, TASKS
+from . import datasets
 
 
 class LoRALinear(nn.Linear):
@@ -60,7 +60,8 @@ class MultiTaskViT(nn.Module):
     """Frozen ViT backbone shared by all tasks, with ASE FFNs and per-task routers, embeddings and heads.
 
     Args:
-        tasks: task names (see ``ase_model.data.TASKS``).
+        tasks: {task name: output channels of its head}, in the order the tasks run (a dataset's
+            ``{t: task.channels for t, task in dataset.tasks.items()}``, see ase_model/datasets).
         img_size, patch_size, embed_dim, depth, num_heads: the ViT (ViT-B/16: 224, 16, 768, 12, 12).
         experts: None for a plain MTL-ViT (timm's Mlp), else a dict of ``ak.ASEMlp`` options: num_experts,
             top_k, num_shared, rank, mode, placement.
@@ -68,14 +69,13 @@ class MultiTaskViT(nn.Module):
         head_dim: hidden channels of each head.
     """
 
-    def __init__(self, tasks: Iterable[str] = TASKS, img_size: int = 224, patch_size: int = 16,
+    def __init__(self, tasks: Mapping[str, int], img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, experts: dict | None = None,
                  lora_rank: int = 4, head_dim: int = 256):
         super().__init__()
         self.tasks = tuple(tasks)
-        unknown = set(self.tasks) - set(NUM_OUTPUTS)
-        if unknown:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {sorted(NUM_OUTPUTS)}")
+        if not self.tasks:
+            raise ValueError("tasks: expected at least one task")
         mlp_layer = None
         if experts:
             mlp_layer = functools.partial(ak.ASEMlp, num_tasks=len(self.tasks), **experts)
@@ -90,7 +90,7 @@ class MultiTaskViT(nn.Module):
                 block.attn.proj = _add_lora(block.attn.proj, lora_rank)
         self.task_embed = nn.Parameter(torch.zeros(len(self.tasks), 1, embed_dim))
         nn.init.trunc_normal_(self.task_embed, std=0.02)
-        self.heads = nn.ModuleDict({t: DenseHead(embed_dim, NUM_OUTPUTS[t], head_dim) for t in self.tasks})
+        self.heads = nn.ModuleDict({t: DenseHead(embed_dim, tasks[t], head_dim) for t in self.tasks})
         self.freeze_backbone()
 
     def freeze_backbone(self) -> None:
@@ -217,6 +217,7 @@ def build_model(args) -> MultiTaskViT:
     if args.num_experts > 0:
         experts = dict(num_experts=args.num_experts, top_k=args.top_k, num_shared=args.num_shared,
                        rank=args.expert_rank, mode=args.mode, placement=args.placement)
-    return MultiTaskViT(tasks=args.tasks, img_size=args.img_size, patch_size=args.patch_size,
-                        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, experts=experts,
-                        lora_rank=args.lora_rank, head_dim=args.head_dim)
+    dataset = datasets.get(args.dataset)
+    return MultiTaskViT(tasks={t: dataset.tasks[t].channels for t in args.tasks}, img_size=args.img_size,
+                        patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+                        num_heads=args.num_heads, experts=experts, lora_rank=args.lora_rank, head_dim=args.head_dim)

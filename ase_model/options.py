@@ -1,6 +1,7 @@
-"""Multi-task training of a frozen ViT with Adaptive Shared Experts on PASCAL-Context.
+"""Multi-task training of a frozen ViT with Adaptive Shared Experts on PASCAL-Context or NYUD-v2.
 
     python -m ase_model.train                                  # tiny ViT, synthetic data, CPU-friendly
+    python -m ase_model.train --dataset nyud                   # the same on synthetic NYUD-v2 data
     python -m ase_model.train --preset paper --data PASCAL_MT --pretrained vit_b16.safetensors
     torchrun --nproc_per_node=8 -m ase_model.train --preset paper --data PASCAL_MT ...
     python -m ase_model.train -c run.yaml --resume              # continue a run where it stopped
@@ -15,13 +16,14 @@ import os
 
 import yaml
 
-from .data import TASKS
+from . import datasets
 from .errors import UserError
 
 # options (this module's docstring is the --help text): presets, the parser, and how a preset, a config
 # file, a checkpoint and the command line combine into one resolved set
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "reference_metrics.yaml")
+DEFAULT_DATASET = "pascal_context"
+REFERENCE = datasets.get(DEFAULT_DATASET).reference  # the default dataset's delta_m reference file
 
 PRESETS = {
     # a tiny ViT on synthetic 64x64 images: about a minute on two CPU cores (96 steps, an evaluation per epoch)
@@ -70,12 +72,16 @@ def parser() -> argparse.ArgumentParser:
     add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")
     add("--preset", choices=sorted(PRESETS), help="defaults for the model and schedule (default: tiny)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="PASCAL_MT root; default: a synthetic dataset generated under --synthetic-dir")
-    g.add_argument("--synthetic-dir", default="runs/synthetic_pascal", help="where the synthetic data lives")
+    g.add_argument("--dataset", default=DEFAULT_DATASET, choices=datasets.names(),
+                   help="the benchmark: its tasks, losses, metrics and layout (ase_model/datasets/)")
+    g.add_argument("--data", help="the dataset's root (PASCAL_MT, NYUD_MT); default: a synthetic copy of its layout "
+                   "generated under --synthetic-dir")
+    g.add_argument("--synthetic-dir", default="runs/synthetic", help="where the synthetic data lives")
     g.add_argument("--synthetic-size", type=int, nargs=3, default=[48, 16, 64], metavar=("TRAIN", "VAL", "PIXELS"),
                    help="images per split and the least shorter side, of the synthetic data (varied, non-square)")
-    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                   help=f"tasks to learn, of {' '.join(TASKS)}")
+    g.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="tasks to learn (default: all of the dataset's: " + "; ".join(
+                       f"{name}: {' '.join(datasets.get(name).tasks)}" for name in datasets.names()) + ")")
     g.add_argument("--img-size", type=int, help="train crop and eval resize")
     g.add_argument("--augment", default="reference", choices=["reference", "crop"],
                    help="training geometry: the reference's flip, scale 0.75-1.25 and rotation +-20 degrees, then "
@@ -140,14 +146,15 @@ def parser() -> argparse.ArgumentParser:
                    "backward in CUDA graphs (torch.compile mode reduce-overhead); ignored, with a message, without "
                    "CUDA")
     g.add_argument("--eval-only", metavar="CHECKPOINT", help="evaluate a checkpoint and exit")
-    g.add_argument("--reference", default=REFERENCE, help="single-task reference metrics for delta_m")
+    g.add_argument("--reference", help="single-task reference metrics for delta_m (default: the dataset's file, "
+                   "where it ships one)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
     return p
 
 
 # what a checkpoint's model is and what data it learned from: --eval-only takes these from the checkpoint
-CHECKPOINT_OPTIONS = ("tasks", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim", "lora_rank",
-                      "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
+CHECKPOINT_OPTIONS = ("dataset", "tasks", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "head_dim",
+                      "lora_rank", "num_experts", "top_k", "num_shared", "expert_rank", "mode", "placement", "data",
                       "synthetic_dir", "synthetic_size", "seed", "pretrained", "pretrained_sha256")
 # --resume takes every option from the checkpoint except these, which say how to run, not what
 RUN_CONTROL = ("config", "output", "resume", "overwrite", "eval_only", "max_steps", "eval_workers", "edge_matcher")
@@ -212,6 +219,17 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--mode none is the baseline without shared experts: set --num-shared 0")
     if args.edge_ids and not os.path.isfile(args.edge_ids):
         p.error(f"--edge-ids {args.edge_ids}: no such file")
+    dataset = datasets.get(args.dataset)
+    if args.tasks is None:
+        args.tasks = list(dataset.tasks)
+    unknown = [t for t in args.tasks if t not in dataset.tasks]
+    if unknown or len(set(args.tasks)) != len(args.tasks):
+        p.error(f"--tasks: expected distinct tasks of --dataset {args.dataset} ({', '.join(dataset.tasks)}), got "
+                f"{' '.join(map(str, args.tasks))}")
+    if args.augment not in dataset.augmentations:
+        p.error(f"--augment {args.augment}: --dataset {args.dataset} has {', '.join(dataset.augmentations)}")
+    if args.reference is None:
+        args.reference = dataset.reference
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output, --overwrite replaces it: choose one")
     if args.eval_only and (args.resume or args.overwrite):

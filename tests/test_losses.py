@@ -14,7 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ase_model.data import IGNORE
-from ase_model.losses import LOSS_WEIGHTS, balanced_bce, cross_entropy, multi_task_loss, normals_l1
+from ase_model.datasets import get
+from ase_model.losses import balanced_bce, cross_entropy, multi_task_loss, normals_l1
+
+PASCAL = get("pascal_context").tasks
 
 # --- the reference's formulas, written out in numpy -------------------------------------------------------------
 
@@ -128,11 +131,12 @@ def test_losses_match_the_reference_formulas(shape):
 def test_multi_task_loss_weights():
     preds = {"semseg": torch.zeros(1, 21, 2, 2), "edge": torch.zeros(1, 1, 2, 2)}
     batch = {"semseg": torch.zeros(1, 2, 2, dtype=torch.long), "edge": torch.zeros(1, 2, 2)}
-    total, parts = multi_task_loss(preds, batch)
+    total, parts = multi_task_loss(preds, batch, PASCAL)
     assert isinstance(total, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in parts.values())
-    assert math.isclose(total.item(), LOSS_WEIGHTS["semseg"] * parts["semseg"].item()
-                        + LOSS_WEIGHTS["edge"] * parts["edge"].item(), rel_tol=1e-6)
-    assert LOSS_WEIGHTS == {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0, "edge": 50.0}
+    assert math.isclose(total.item(), 1.0 * parts["semseg"].item() + 50.0 * parts["edge"].item(), rel_tol=1e-6)
+    # DESIGN.md: CE 1.0, CE 2.0, balanced BCE 5.0, L1 on normalised normals 10.0, balanced BCE (pos weight 0.95) 50.0
+    assert {t: task.weight for t, task in PASCAL.items()} == {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0,
+                                                              "normals": 10.0, "edge": 50.0}
 
 
 # --- data parallelism -------------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def _rank(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     preds, targets = _batch()
     mine = {t: p[rank::world].clone().requires_grad_() for t, p in preds.items()}
-    total, parts = multi_task_loss(mine, {t: v[rank::world] for t, v in targets.items()})
+    total, parts = multi_task_loss(mine, {t: v[rank::world] for t, v in targets.items()}, PASCAL)
     total.backward()
     # DDP averages the ranks' parameter gradients: each rank's share of the gradient is its own divided by world
     grads = {t: p.grad / world for t, p in mine.items()}
@@ -173,7 +177,7 @@ def _rank(rank, world, port, out):
 def test_two_processes_give_the_global_batch_loss_and_gradient(tmp_path):
     preds, targets = _batch()
     whole = {t: p.clone().requires_grad_() for t, p in preds.items()}
-    total, parts = multi_task_loss(whole, targets)
+    total, parts = multi_task_loss(whole, targets, PASCAL)
     total.backward()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import yaml
 
 from ase_model import metrics
 from ase_model.data import IGNORE
+from ase_model.datasets.pascal_context import make_meters
 from ase_model.metrics import (
     ConfusionMeter,
     EdgeMeter,
@@ -21,7 +22,6 @@ from ase_model.metrics import (
     delta_m,
     edge_thresholds,
     load_reference,
-    make_meters,
     quantize,
 )
 from ase_model.options import REFERENCE
@@ -319,8 +319,9 @@ def test_delta_m_leaves_out_tasks_without_their_metric():
 
 
 def test_make_meters_covers_every_task():
-    meters = make_meters(["semseg", "human_parts", "sal", "normals", "edge"], edge_ods=False)
+    meters = make_meters(["semseg", "human_parts", "sal", "normals", "edge"], edge_ods=False, edge_matcher="pyedgeeval")
     assert set(meters) == {"semseg", "human_parts", "sal", "normals", "edge"}
     assert meters["human_parts"].skip_unlabelled and not meters["semseg"].skip_unlabelled
-    with pytest.raises(ValueError, match="unknown task"):
+    assert meters["edge"].matcher == "pyedgeeval" and meters["edge"].max_dist == 0.0075
+    with pytest.raises(KeyError, match="depth"):
         make_meters(["depth"])

@@ -9,19 +9,20 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import ase_kernels as ak
-from ase_model.data import NUM_OUTPUTS, TASKS
+from ase_model.datasets import get
 from ase_model.model import LoRALinear, MultiTaskViT, load_pretrained
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, head_dim=16)
+PASCAL = {t: task.channels for t, task in get("pascal_context").tasks.items()}
+SMALL = dict(tasks=PASCAL, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, head_dim=16)
 EXPERTS = dict(num_experts=8, top_k=2, num_shared=1, rank=2, mode="adaptive", placement="ffn")
 
 
 def test_outputs_every_task_at_full_resolution():
     model = MultiTaskViT(experts=EXPERTS, **SMALL)
     out = model(torch.randn(3, 3, 32, 32))
-    assert set(out) == set(TASKS)
+    assert set(out) == set(PASCAL)
     for t, y in out.items():
-        assert y.shape == (3, NUM_OUTPUTS[t], 32, 32)
+        assert y.shape == (3, PASCAL[t], 32, 32)
 
 
 def test_all_tasks_run_as_one_backbone_batch():
@@ -29,8 +30,8 @@ def test_all_tasks_run_as_one_backbone_batch():
     calls = []
     model.vit.blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     model(torch.randn(2, 3, 32, 32))
-    assert calls == [torch.Size([len(TASKS) * 2, 1 + 16, 48])], "one pass over tasks * B images"
-    ids = model.vit.blocks[0].mlp._last.task_ids.view(len(TASKS) * 2, -1)  # one per token, the same per image
+    assert calls == [torch.Size([len(PASCAL) * 2, 1 + 16, 48])], "one pass over tasks * B images"
+    ids = model.vit.blocks[0].mlp._last.task_ids.view(len(PASCAL) * 2, -1)  # one per token, the same per image
     assert (ids == ids[:, :1]).all() and ids[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], "task-major ids"
 
 
@@ -54,7 +55,7 @@ def test_fresh_ase_model_equals_the_plain_frozen_vit(placement):
     assert not any(isinstance(m, ak.ASEMlp) for m in plain.modules())
     images = torch.randn(2, 3, 32, 32)
     a, p = ase(images), plain(images)
-    for t in TASKS:
+    for t in PASCAL:
         torch.testing.assert_close(a[t], p[t], rtol=1e-5, atol=1e-5)
 
 
@@ -72,7 +73,7 @@ def test_model_without_experts_is_the_frozen_timm_vit_with_the_same_heads():
     tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:]  # (B, 16, 48)
     grid = tokens.transpose(1, 2).reshape(2, 48, 4, 4)
     out = model(images)
-    for t in TASKS:
+    for t in PASCAL:
         torch.testing.assert_close(out[t], model.heads[t](grid, (32, 32)), rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for n, p in model.vit.named_parameters() if "lora_" not in n)
 
@@ -89,7 +90,7 @@ def test_mi_loss_and_routing_statistics():
     model(torch.randn(2, 3, 32, 32))
     assert model.mi_loss().requires_grad
     stats = model.routing_stats()
-    assert stats["shared_gate"].shape == (2, len(TASKS)) and stats["load"].shape == (2, len(TASKS), 8)
+    assert stats["shared_gate"].shape == (2, len(PASCAL)) and stats["load"].shape == (2, len(PASCAL), 8)
     assert MultiTaskViT(experts=None, **SMALL).routing_stats() is None
 
 
