@@ -156,12 +156,14 @@ def test_normals_mean_angle_is_eval_normals():
     label /= np.linalg.norm(label, axis=2, keepdims=True)
     label[0, :4] = 0  # invalid
     pred = label + rng.normal(0, 0.4, size=label.shape)
+    # the meter takes what evaluate.decode("unit") gives: the prediction normalised at the network's resolution
+    # (utils/utils.py get_output), here already at the label's size
+    unit = pred / np.linalg.norm(pred, axis=2, keepdims=True)
     meter = NYUD.make_meters(["normals"])["normals"]
     target = torch.from_numpy(np.where(np.linalg.norm(label, axis=2, keepdims=True) == 0, IGNORE, label))
-    meter.update(torch.from_numpy(pred).permute(2, 0, 1)[None].float(), target.permute(2, 0, 1)[None].float())
-    # evaluation/eval_normals.py: the prediction saved as an 8-bit PNG ((n + 1) 255 / 2 of the unit vector,
-    # truncated; utils/utils.py get_output) and read back, both normalised, the angle over label norm != 0
-    unit = pred / np.linalg.norm(pred, axis=2, keepdims=True)
+    meter.update(torch.from_numpy(unit).permute(2, 0, 1)[None].float(), target.permute(2, 0, 1)[None].float())
+    # evaluation/eval_normals.py: that prediction saved as an 8-bit PNG ((n + 1) 255 / 2, truncated) and read back,
+    # both normalised, the angle over label norm != 0
     read = 2.0 * ((unit + 1.0) * 255 / 2.0).astype(np.uint8).astype(np.float32) / 255.0 - 1
     read = read / (np.linalg.norm(read, axis=2, keepdims=True) + 1e-12)
     valid = np.linalg.norm(label, axis=2) != 0
