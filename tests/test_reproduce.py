@@ -169,7 +169,7 @@ def test_several_processes_run_every_row_under_torchrun(tmp_path, capsys):
 
 
 def test_the_checked_in_sweep_loads_and_holds_every_row_once():
-    files = sorted(glob.glob(os.path.join(reproduce.CONFIGS, "pascal", "*.yaml")))
+    files = sorted(glob.glob(os.path.join(reproduce.CONFIGS, "pascal_context", "*.yaml")))
     runs = {}
     for path in files:
         with open(path) as f:
