@@ -76,15 +76,15 @@ def count_parameters(config: dict) -> tuple[float, float]:
 
 def own_reference(runs: dict, reference: dict) -> dict:
     """Our single-task rows as a delta_m reference: {task: {metric, value, lower_is_better}} for every task that
-    has a finished run training it alone (the metric and direction of `reference`, {task: {metric,
-    lower_is_better, ...}}, in its order)."""
+    has a finished run training it alone with a finite, non-zero score (the metric and direction of `reference`,
+    {task: {metric, lower_is_better, ...}}, in its order)."""
     own = {}
     for run in runs.values():
         tasks = run["config"]["tasks"]
         if len(tasks) == 1 and run["finished"] and tasks[0] in reference:
             task = tasks[0]
             value = run["results"].get(task, {}).get(reference[task]["metric"])
-            if value is not None and math.isfinite(value):
+            if value is not None and math.isfinite(value) and value != 0:  # no relative change from 0
                 own[task] = {**reference[task], "value": value}
     return dict(sorted(own.items(), key=lambda kv: list(reference).index(kv[0])))
 
