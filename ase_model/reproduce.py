@@ -1,18 +1,19 @@
 """Reproduce the ASE paper (arXiv 2510.00570): its Table 1 and Figures 2-4 from the checked-in sweep.
 
     python -m ase_model.reproduce --data PASCAL_MT --pretrained vit_b16.safetensors --output runs/paper
+    python -m ase_model.reproduce --dataset nyud --data NYUD_MT --pretrained ...        # the NYUD-v2 sweep
     python -m ase_model.reproduce --rows ase-32-6-2-2 mtl-vit 'single-*' --dry-run    # the commands, nothing run
     python -m ase_model.reproduce --nproc-per-node 8 --data PASCAL_MT --pretrained ...  # every row on 8 GPUs
     python -m ase_model.reproduce --data PASCAL_MT --pretrained ... --edge-eval-every 5 # unknown options: to each row
 
 The sweep is data: one file per row in ase_model/configs/<dataset>/ (trainer options, seed included), each
-loadable by itself with `python -m ase_model.train -c FILE`. The rows run one after another, each in its own
-directory OUTPUT/ROW as a `python -m ase_model.train` process (under torchrun with --nproc-per-node N: launch
-this command with python, not torchrun; it starts every row on all N processes). A row whose metrics.jsonl has
-its last epoch is finished and never run again; a row with a checkpoint resumes (--resume); a row that fails is
-reported and the sweep goes on. SIGTERM or Ctrl-C stops the running row at a step boundary (it saves last.pt)
-and the sweep: the same command continues it. Each row's output goes to OUTPUT/logs/ROW.log. At the end,
-OUTPUT/table1.md, table1.json and the figures are written from the runs' own logs (ase_model/report.py).
+loadable by itself with `python -m ase_model.train -c FILE`; every row is passed --dataset. The rows run one after
+another, each in its own directory OUTPUT/ROW as a `python -m ase_model.train` process (under torchrun with
+--nproc-per-node N: launch this command with python, not torchrun; it starts every row on all N processes). A row
+whose metrics.jsonl has its last epoch is finished and never run again; a row with a checkpoint resumes (--resume);
+a row that fails is reported and the sweep goes on. SIGTERM or Ctrl-C stops the running row at a step boundary (it
+saves last.pt) and the sweep: the same command continues it. Each row's output goes to OUTPUT/logs/ROW.log. At the
+end, OUTPUT/table1.md, table1.json and the figures are written from the runs' own logs (ase_model/report.py).
 Without --data every row trains on a small synthetic dataset, and the report says so.
 """
 
@@ -28,9 +29,12 @@ import subprocess
 import sys
 import time
 
+import yaml
 from tqdm import tqdm
 
+from . import datasets
 from .errors import UserError
+from .options import DEFAULT_DATASET
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 # what the sweep sets for every row itself: the trainer options a user may not pass through
@@ -54,10 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root, passed to every row (default: synthetic data, labelled as such)")
     p.add_argument("--pretrained", help="ViT weights, passed to every row (default: a random backbone, which the "
                                         "trainer warns about)")
-    p.add_argument("--output", default="runs/paper", help="the sweep's directory: one run directory per row, logs/, "
-                                                          "the table and figures (default: %(default)s)")
-    p.add_argument("--dataset", default="pascal", help="the sweep: ase_model/configs/DATASET/*.yaml "
-                                                       "(default: %(default)s)")
+    p.add_argument("--output", help="the sweep's directory: one run directory per row, logs/, the table and figures "
+                                    f"(default: runs/paper for {DEFAULT_DATASET}, runs/paper-DATASET for the others)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="the benchmark every row trains on, and the sweep: "
+                   f"ase_model/configs/DATASET/*.yaml (one of {', '.join(datasets.names())}; default: %(default)s)")
     p.add_argument("--configs", help="a directory of row files to run instead of the checked-in sweep")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run: file names without .yaml, or patterns "
                                                             "('ase-*'); default: all")
@@ -106,7 +110,7 @@ def row_state(run_dir: str, epochs: int) -> str:
 
 
 def command(config: str, run_dir: str, state: str, args, passthrough: list[str]) -> list[str]:
-    train = ["-m", "ase_model.train", "-c", config, "--output", run_dir]
+    train = ["-m", "ase_model.train", "-c", config, "--dataset", args.dataset, "--output", run_dir]
     if args.data:
         train += ["--data", args.data]
     if args.pretrained:
@@ -144,11 +148,24 @@ def check(args, passthrough: list[str], rows: dict[str, str]) -> dict[str, int]:
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                epochs[name] = resolve_args(["-c", config, *passthrough]).epochs
+                epochs[name] = resolve_args(["-c", config, "--dataset", args.dataset, *passthrough]).epochs
         except SystemExit as e:  # the trainer's parser names the option it refuses
             reason = said.getvalue().strip().splitlines()[0].removeprefix("python -m ase_model.train: error: ")
             raise UserError(f"row {name} ({config}): {reason}") from e
+        mixed = _dataset_of_run(os.path.join(args.output, name))
+        if mixed not in (None, args.dataset):
+            raise UserError(f"{os.path.join(args.output, name)} is a run on {mixed}, not --dataset {args.dataset}: "
+                            "give this sweep its own --output")
     return epochs
+
+
+def _dataset_of_run(run_dir: str) -> str | None:
+    """The dataset of the run in run_dir (its config.yaml), or None where there is none yet."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            return (yaml.safe_load(f) or {}).get("dataset", DEFAULT_DATASET)
+    except FileNotFoundError:
+        return None
 
 
 class Sweep:
@@ -244,9 +261,11 @@ def main(argv=None) -> int:
     args, passthrough = p.parse_known_args(argv)
     try:
         directory = args.configs or os.path.join(CONFIGS, args.dataset)
-        if not args.configs and not os.path.isdir(directory):
-            known = sorted(d for d in os.listdir(CONFIGS) if os.path.isdir(os.path.join(CONFIGS, d)))
+        if args.dataset not in datasets.names() or not (args.configs or os.path.isdir(directory)):
+            known = [d for d in datasets.names() if os.path.isdir(os.path.join(CONFIGS, d))]
             raise UserError(f"--dataset {args.dataset}: no sweep for it (sweeps: {', '.join(known)})")
+        if args.output is None:
+            args.output = "runs/paper" if args.dataset == DEFAULT_DATASET else f"runs/paper-{args.dataset}"
         rows = row_files(directory, args.rows)
         epochs = check(args, passthrough, rows)
     except UserError as e:
@@ -273,7 +292,7 @@ def main(argv=None) -> int:
     if not args.no_report:
         from .report import write_report
 
-        for path in write_report(args.output):
+        for path in write_report(args.output, args.dataset):
             print(f"wrote {path}", file=sys.stderr)
     if sweep.signal is not None:
         return 128 + sweep.signal

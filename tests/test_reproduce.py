@@ -1,7 +1,8 @@
 """ase_model/reproduce.py and ase_model/report.py end to end on a tiny sweep: three checked-in rows on synthetic data
 with a tiny ViT (the trainer options passed through), killed in the middle of a row, continued without redoing the
 finished row, and reported (the table's delta_m recomputed here from its per-task numbers, the figures decoded).
-Also the checked-in sweep itself: every row loads as the trainer's config and no two rows are the same run."""
+The same on NYUD, which has no paper table: delta_m against the sweep's own single-task rows, no paper columns.
+Also the checked-in sweeps themselves: every row loads as the trainer's config and no two rows are the same run."""
 
 import glob
 import json
@@ -15,7 +16,9 @@ import pytest
 import yaml
 from PIL import Image
 
+import ase_model.paper_figures as paper_figures
 import ase_model.reproduce as reproduce
+from ase_model import datasets
 from ase_model.options import resolve_args
 
 ROWS = ["ase-16-3-1-4", "mtl-vit", "single-semseg"]  # run in this order
@@ -24,14 +27,17 @@ PAPER_SINGLE_TASK = {"semseg": ("mIoU", 60.1, False), "normals": ("mean", 15.4, 
                      "human_parts": ("mIoU", 51.0, False), "sal": ("mIoU", 63.2, False), "edge": ("odsF", 50.8, False)}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Trainer options that make a paper row a seconds-long run (2 epochs of 2 steps, checkpoints every step)."""
-    syn = str(tmp_path_factory.mktemp("data") / "syn")
+def _tiny(syn: str, epochs: int) -> list[str]:
+    """Trainer options that make a paper row a seconds-long run (epochs of 2 steps, checkpoints every step)."""
     return ["--synthetic-dir", syn, "--synthetic-size", "8", "4", "32", "--img-size", "32", "--patch-size", "8",
             "--embed-dim", "48", "--depth", "2", "--num-heads", "3", "--head-dim", "16", "--batch-size", "4",
-            "--epochs", "2", "--warmup-steps", "1", "--lr", "3e-3", "--checkpoint-every", "1", "--edge-thresholds",
-            "5", "--no-plots"]
+            "--epochs", str(epochs), "--warmup-steps", "1", "--lr", "3e-3", "--checkpoint-every", "1",
+            "--edge-thresholds", "5", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(str(tmp_path_factory.mktemp("data") / "syn"), epochs=2)
 
 
 def _env():
@@ -118,6 +124,68 @@ def test_a_killed_sweep_resumes_skips_finished_rows_and_reports(tiny, tmp_path, 
             assert image.width > 100 and image.height > 100, name
 
 
+def test_a_sweep_without_a_paper_table_takes_delta_m_against_its_own_single_task_rows(tmp_path, capsys, monkeypatch):
+    """The NYUD sweep (no paper table, no cited single-task numbers): one ASE row and the single-task rows of a
+    higher-is-better and a lower-is-better task, one epoch each; its tasks and metrics read from the plug-in."""
+    nyud = datasets.get("nyud")
+    up = next(t for t, task in nyud.tasks.items() if not task.lower_is_better)
+    down = next(t for t, task in nyud.tasks.items() if task.lower_is_better)
+    singles = {t: f"single-{t.replace('_', '-')}" for t in (up, down)}
+    out = str(tmp_path / "nyud")
+    titles = {}
+    save = paper_figures._save
+
+    def spy(fig, output, name):
+        titles[name] = fig.axes[0].get_title()
+        return save(fig, output, name)
+
+    monkeypatch.setattr(paper_figures, "_save", spy)
+    argv = ["--dataset", "nyud", "--output", out, "--rows", "ase-16-3-1-4", *singles.values(),
+            *_tiny(str(tmp_path / "syn"), epochs=1)]
+    assert reproduce.main(argv) == 0, capsys.readouterr().err[-3000:]
+    for name in ["ase-16-3-1-4", *singles.values()]:
+        with open(os.path.join(out, name, "config.yaml")) as f:
+            assert yaml.safe_load(f)["dataset"] == "nyud", name
+
+    with open(os.path.join(out, "table1.json")) as f:
+        table = json.load(f)
+    assert table["dataset"] == "nyud" and table["synthetic"]
+    assert table["metrics"] == {t: {"metric": task.metric, "lower_is_better": task.lower_is_better}
+                                for t, task in nyud.tasks.items()}
+    assert "paper_reference_row" not in table and table["delta_m_reference"].startswith("our single-task rows")
+    rows = {r["row"]: r for r in table["rows"]}
+    assert list(rows) == ["ase-16-3-1-4", *sorted(singles.values())]  # the single-task rows last
+    own = {}
+    for task in nyud.tasks:  # the reference: each single-task row's final number, as its own log has it
+        if task in singles:
+            own[task] = (nyud.tasks[task].metric, _records(os.path.join(out, singles[task]))[-1][
+                f"val/{task}/{nyud.tasks[task].metric}"], nyud.tasks[task].lower_is_better)
+    assert all(v != 0 for _, v, _ in own.values()), "a zero single-task score: no relative change from it"
+    assert table["our_single_task_reference"] == {t: v for t, (_, v, _) in own.items()}
+    for name, row in rows.items():
+        assert not {"paper", "difference", "delta_m_vs_paper_single_task"} & set(row), name
+        last = _records(os.path.join(out, name))[-1]
+        assert row["ours"] == {t: last.get(f"val/{t}/{nyud.tasks[t].metric}") for t in row["tasks"]}, name
+        assert row["delta_m_vs_our_single_task"]["value"] == pytest.approx(_delta_m(row["ours"], own)), name
+    assert rows["ase-16-3-1-4"]["delta_m_vs_our_single_task"]["tasks"] == list(own)
+    assert set(rows["ase-16-3-1-4"]["ours"]) == set(nyud.tasks)
+
+    with open(os.path.join(out, "table1.md")) as f:
+        md = f.read()
+    assert md.startswith("**SYNTHETIC data") and "paper has no table" in md and "Δm vs paper" not in md
+    assert f"| {up} {own[up][0]} ↑ |" in md and f"| {down} {own[down][0]} ↓ |" in md
+    assert "against our single-task rows" in md and f"Our single-task reference: {up} " in md
+    assert set(titles) == {"fig2.png", "fig3a.png", "fig3b.png", "fig4.png"}
+    for name in ("fig2.png", "fig3a.png", "fig3b.png"):  # delta_m against our rows, and the title says so
+        assert "Δm vs our single-task rows: no paper reference" in titles[name], titles[name]
+
+    # a PASCAL-Context sweep into the same directory would mix two datasets' rows: refused before anything runs
+    capsys.readouterr()
+    assert reproduce.main(["--output", out, "--rows", "ase-16-3-1-4", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a run on nyud, not --dataset pascal_context" in err[0], err
+
+
 def test_a_failed_row_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
     """Row files of the user's own (--configs); the trainer replaced by a stand-in: the first row fails, the second
     logs its epoch."""
@@ -157,6 +225,13 @@ def test_user_errors_are_one_or_two_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert reproduce.main(["--output", out, "--dry-run"]) == 2
     assert "not under torchrun" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    # a dataset the trainer knows whose sweep is missing
+    (tmp_path / "configs" / "pascal_context").mkdir(parents=True)
+    monkeypatch.setattr(reproduce, "CONFIGS", str(tmp_path / "configs"))
+    assert reproduce.main(["--output", out, "--dataset", "nyud", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dataset nyud: no sweep for it (sweeps: pascal_context)" in err[0], err
 
 
 def test_several_processes_run_every_row_under_torchrun(tmp_path, capsys):
@@ -168,25 +243,34 @@ def test_several_processes_run_every_row_under_torchrun(tmp_path, capsys):
     assert printed[1].endswith(f"--output {tmp_path}/ase-32-6-2-2")
 
 
-def test_the_checked_in_sweep_loads_and_holds_every_row_once():
-    files = sorted(glob.glob(os.path.join(reproduce.CONFIGS, "pascal", "*.yaml")))
+def test_every_sweep_is_of_a_dataset_of_the_trainer():
+    assert {"pascal_context", "nyud"} <= set(os.listdir(reproduce.CONFIGS)) <= set(datasets.names())
+
+
+@pytest.mark.parametrize("dataset", ["pascal_context", "nyud"])
+def test_the_checked_in_sweep_loads_and_holds_every_row_once(dataset):
+    files = sorted(glob.glob(os.path.join(reproduce.CONFIGS, dataset, "*.yaml")))
     runs = {}
     for path in files:
         with open(path) as f:
             assert "seed" in yaml.safe_load(f), f"{path} names no seed"
-        args = resolve_args(["-c", path])
-        assert (args.preset, args.img_size, args.epochs) == ("paper", 224, 40), path
+        args = resolve_args(["-c", path])  # each file alone trains on its sweep's dataset
+        assert (args.dataset, args.preset, args.img_size, args.epochs) == (dataset, "paper", 224, 40), path
         key = (tuple(args.tasks), args.num_experts, args.num_experts and (args.top_k, args.num_shared,
                                                                           args.expert_rank, args.mode))
         assert key not in runs, f"{path} is the same run as {runs.get(key)}"
         runs[key] = path
     names = {os.path.basename(p)[:-5] for p in files}
+    # our own single-task reference: one row per task of the dataset
+    assert {f"single-{t.replace('_', '-')}" for t in datasets.get(dataset).tasks} <= names
+    assert {"mtl-vit", "lora-moe-16-4-0-4", "lora-moe-32-8-0-2", "ase-16-3-1-4", "ase-32-6-2-2"} <= names
     with open(os.path.join(os.path.dirname(reproduce.__file__), "paper_table1.yaml")) as f:
         paper = yaml.safe_load(f)
+    if paper["dataset"] != dataset:
+        return
     assert set(paper["rows"]) - {paper["reference_row"]} <= names  # every transcribed row has its run
     reference = paper["rows"][paper["reference_row"]]
     assert {t: reference[t] for t in PAPER_SINGLE_TASK} == {t: v for t, (_, v, _) in PAPER_SINGLE_TASK.items()}
     for name, row in paper["rows"].items():  # a complete row's delta_m follows from its cells (the transcription)
         if row["delta_m"] is not None:
             assert _delta_m(row, PAPER_SINGLE_TASK) == pytest.approx(row["delta_m"], abs=0.01), name
-    assert {f"single-{t}" for t in ("semseg", "human-parts", "sal", "normals", "edge")} <= names
