@@ -103,6 +103,29 @@ def test_converting_twice_and_bad_options_are_errors():
         convert_module(torch.nn.Linear(4, 4), "", CONFIG)
 
 
+class GeluMLP(torch.nn.Module):
+    """A d -> d FFN of two Linears that is no timm Mlp (GPT-2's MLP has this shape)."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc_in, self.fc_out = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc_out(torch.nn.functional.gelu(self.fc_in(x)))
+
+
+def test_placement_on_an_ffn_convert_can_only_wrap_names_the_way_to_lora_deltas():
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"mlp": GeluMLP(16, 40)}), SwiGLU(16, 24)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"placement='fc1\+fc2' needs a timm Mlp with fc1/fc2 or a split FFN; '0.mlp' "
+                                         r"is a GeluMLP, .*\(placement='ffn'\), or name its two projections as a pair: "
+                                         r"target=\[\('mlp.fc_in', 'mlp.fc_out'\)\]$"):
+        ak.convert(model, target="0.mlp", placement="fc1+fc2", **CONFIG)
+    with pytest.raises(ValueError, match=r"'1' is a SwiGLU, whose experts can only sit beside it \(placement='ffn'\)$"):
+        ak.convert(model, target="1", placement="fc2", **CONFIG)  # three Linears: no pair to name
+    ak.convert(model, target=[("mlp.fc_in", "mlp.fc_out")], placement="fc1+fc2", **CONFIG)  # the way named converts
+    assert type(model[0]["mlp"].fc_in).__name__ == "ASESplitFFN"
+
+
 class SwiGLU(torch.nn.Module):
     """A LLaMA-style gated FFN: down(silu(gate(x)) * up(x)), d -> d."""
 
@@ -223,6 +246,7 @@ def test_split_ffns_are_paired_with_the_next_second_module(target):
     pytest.param(["layer.0.output.dense", ("intermediate.dense", "output.dense")], r"the same module twice "
                  r"\['layer.0.output.dense'\]", id="twice"),
     pytest.param([("intermediate.dense", "output.dense", "x")], "or pairs of them", id="triple"),
+    pytest.param([["intermediate.dense", "output.dense"]], r"pairs of them as tuples \(first, second\)", id="list"),
 ])
 def test_bad_pairs_are_named(target, message):
     with pytest.raises((ValueError, TypeError), match=message):
