@@ -113,7 +113,8 @@ class ASESplitFFNOutput(nn.Module):
         first = self.first
         if first._handoff.value is None:
             raise RuntimeError("ASESplitFFNOutput was called without a forward of its first projection (the "
-                               "ASESplitFFN before it), which routes the FFN input")
+                               "ASESplitFFN before it), which routes the FFN input: call the first on the same tokens "
+                               "before each call of the second, in one forward (or one checkpointed region)")
         (x, routing), first._handoff.value = first._handoff.value, None
         if x.shape[:-1] != h.shape[:-1]:
             raise ValueError(f"h must hold the tokens of the first projection's input {tuple(x.shape[:-1])}, got "

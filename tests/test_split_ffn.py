@@ -113,7 +113,8 @@ def test_moe_lora_linear_takes_a_conv1d_as_its_transposed_weight(backend):
 def test_the_second_projection_needs_the_first_forward_of_the_same_tokens():
     first = ASESplitFFN(torch.nn.Linear(D, HIDDEN), D, **CONFIG)
     second = ASESplitFFNOutput(torch.nn.Linear(HIDDEN, D), first)
-    with pytest.raises(RuntimeError, match="without a forward of its first projection"):
+    with pytest.raises(RuntimeError, match="without a forward of its first projection .*: call the first on the "
+                                           r"same tokens before each call of the second, in one forward \(or one"):
         second(torch.randn(4, HIDDEN))
     first(torch.randn(4, D))
     with pytest.raises(ValueError, match=r"tokens of the first projection's input \(4,\), got shape \(5, 40\)"):
