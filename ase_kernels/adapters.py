@@ -168,7 +168,7 @@ def _convert_as_saved(model: nn.Module, saved: dict, path: str) -> None:
     for n, spec in saved.items():
         if spec["type"] == "ASESplitFFN":
             problem = _pair_problem(plain[n], plain[spec["output"]])
-            wrong += [f"{n}: the file has a split FFN ending at {spec['output']}, which {problem}"] if problem else []
+            wrong += [f"{n}: the file has a split FFN ending at {spec['output']}, but {problem}"] if problem else []
         elif converted_type(plain[n]) != spec["type"]:
             wrong.append(f"{n}: the file has {spec['type']}, {type(plain[n]).__name__} converts to "
                          f"{converted_type(plain[n])}")

@@ -134,6 +134,11 @@ def test_a_split_ffn_file_names_its_second_projection(tmp_path):
     other = ak.convert(_bert_like(), target=[("intermediate.dense", "output.dense")], placement="fc2", **CONFIG)
     with pytest.raises(ValueError, match=r"layer.0.intermediate.dense: placement file 'ffn', model 'fc2'"):
         ak.load_adapters(other, path)
+    narrow = _bert_like()
+    narrow.layer[0].output.dense = torch.nn.Linear(24, 16)
+    message = r"layer.0.intermediate.dense: the file has a split FFN ending at layer.0.output.dense, but the first "
+    with pytest.raises(ValueError, match=message + "maps to 40 features, the second takes 24"):
+        ak.load_adapters(narrow, path)
     shallow = _bert_like()
     del shallow.layer[1].output
     with pytest.raises(ValueError, match=r"modules that Module lacks: \['layer.1.output.dense'\]"):
