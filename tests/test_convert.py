@@ -257,7 +257,8 @@ def test_convert_warns_once_about_trainable_parameters_it_leaves_outside():
     with pytest.warns(UserWarning) as record:
         ak.convert(tiny_vit(), **CONFIG)
     messages = [str(w.message) for w in record]
-    assert len(messages) == 1, messages
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert record[0].filename == __file__, "the warning points at the caller's line (once per line, Python's default)"
     left = [p for n, p in tiny_vit().named_parameters() if ".mlp.fc" not in n]  # convert froze fc1 and fc2 only
     assert messages[0].startswith(f"{sum(p.numel() for p in left):,} parameters in {len(left)} tensors outside the ASE "
                                   f"modules still require grad (cls_token, pos_embed, patch_embed.proj.weight and "
