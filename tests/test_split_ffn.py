@@ -72,7 +72,8 @@ def _gradients_match(y, want, x, x64, module, p) -> None:
             assert_close(f"d_{name}", p[name].grad, t.grad)
 
 
-@pytest.mark.parametrize("placement,kind", [("ffn", "Conv1D"), ("fc1+fc2", "Linear"), ("fc1+fc2", "Conv1D")])
+@pytest.mark.parametrize("placement,kind", [("ffn", "Conv1D"), ("fc1+fc2", "Linear"), ("fc1+fc2", "Conv1D"),
+                                             ("fc1", "Conv1D")])
 def test_a_split_pair_is_one_ase_ffn_with_one_routing(backend, placement, kind):
     fc1, fc2 = _projection(kind, D, HIDDEN), _projection(kind, HIDDEN, D)
     first = ASESplitFFN(fc1, D, placement=placement, num_tasks=2, alpha=3.0, **CONFIG)
