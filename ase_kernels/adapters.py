@@ -110,7 +110,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError naming the modules missing on either side, the modules whose type or options differ, the
         extra parameters the model lacks or holds in another shape, and the tensors missing, unexpected or of
         another shape; nothing is loaded then (a plain model whose module names and types fit may be left
-        converted, with fresh experts, when only the shapes differ).
+        converted, with fresh experts, when only the tensor shapes or the extra parameters differ).
 
     Example:
         >>> vit = ak.load_adapters(timm.create_model("vit_base_patch16_224", pretrained=True), "ase.safetensors")

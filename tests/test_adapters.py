@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ase_kernels as ak
+from ase_kernels.modules import adapter_parameters
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2, num_tasks=3)
 IDS = torch.tensor([2, 0])
@@ -114,9 +115,12 @@ def test_extra_parameters_are_saved_restored_and_checked(tmp_path):
     assert torch.equal(fresh.head.weight, vit.head.weight)
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(_out(vit, images), _out(fresh, images))
+    seven = tiny_vit(num_classes=7)
     with pytest.raises(ValueError, match=r"extra parameters that do not fit VisionTransformer: \['head.weight: file "
                                          r"\(10, 192\), model \(7, 192\)', 'head.bias: file \(10,\), model \(7,\)'\]"):
-        ak.load_adapters(tiny_vit(num_classes=7), path)
+        ak.load_adapters(seven, path)
+    experts = [p for n, p in adapter_parameters(seven).items() if n.endswith(".B")]
+    assert experts and not any(p.any() for p in experts), "left converted, its experts fresh: nothing loaded"
     with pytest.raises(ValueError, match=r"\['head.weight: not in the model', 'head.bias: not in the model'\]"):
         ak.load_adapters(tiny_vit(num_classes=0), path)
 
