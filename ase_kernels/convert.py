@@ -146,9 +146,10 @@ def converted_type(module: nn.Module) -> str | None:
 
 
 def _as_pair(name: str, module: nn.Module) -> str:
-    """For an FFN of exactly two Linears, the way to LoRA deltas on them: name its projections as a split pair."""
-    linears = [n for n, m in module.named_modules() if linear_weight(m) is not None]
-    if len(linears) != 2:
+    """For an FFN of exactly two Linears that chain (d -> hidden -> d), the way to LoRA deltas on them: name its
+    projections as a split pair."""
+    linears = {n: m for n, m in module.named_modules() if linear_weight(m) is not None}
+    if len(linears) != 2 or _pair_problem(*linears.values()):
         return ""
     first, second = (f"{name.rpartition('.')[2]}.{n}" for n in linears)
     return f", or name its two projections as a pair: target=[({first!r}, {second!r})]"

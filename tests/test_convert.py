@@ -122,6 +122,10 @@ def test_placement_on_an_ffn_convert_can_only_wrap_names_the_way_to_lora_deltas(
         ak.convert(model, target="0.mlp", placement="fc1+fc2", **CONFIG)
     with pytest.raises(ValueError, match=r"'1' is a SwiGLU, whose experts can only sit beside it \(placement='ffn'\)$"):
         ak.convert(model, target="1", placement="fc2", **CONFIG)  # three Linears: no pair to name
+    glu = GeluMLP(16, 40)
+    glu.fc_in = torch.nn.Linear(16, 80)  # a GLU's fused gate and value (d -> 2 hidden): no chaining pair to name
+    with pytest.raises(ValueError, match=r"\(placement='ffn'\)$"):
+        ak.convert(torch.nn.ModuleDict({"mlp": glu}).requires_grad_(False), placement="fc1", **CONFIG)
     ak.convert(model, target=[("mlp.fc_in", "mlp.fc_out")], placement="fc1+fc2", **CONFIG)  # the way named converts
     assert type(model[0]["mlp"].fc_in).__name__ == "ASESplitFFN"
 
