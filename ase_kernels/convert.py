@@ -229,7 +229,7 @@ def _bert_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _recognised_ffns(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
     """Names of the outermost FFNs of model that target=None converts, and its split FFN pairs, skipping what is
-    converted already. Refuses 1x1-convolution MLPs."""
+    converted already or inside an FFN converted whole. Refuses 1x1-convolution MLPs."""
     names, skip, convs = [], [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in skip):
@@ -244,7 +244,7 @@ def _recognised_ffns(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]
             skip.append(name)
     if convs:
         raise ValueError(conv_mlp_refusal(convs))
-    return names, _bert_pairs(model)
+    return names, [pair for pair in _bert_pairs(model) if not any(pair[0].startswith(n + ".") for n in names)]
 
 
 def _hits(modules: dict, pattern: str) -> list[str]:

@@ -241,6 +241,23 @@ def test_split_ffns_are_paired_with_the_next_second_module(target):
         ak.convert(model, target=["layer.0.output.dense"], **CONFIG)
 
 
+class _EncoderFFN(torch.nn.Module):
+    """An FFN by its class name whose Linears sit as a BERT layer's do: converted whole, its pair left inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.intermediate, self.output = torch.nn.Module(), torch.nn.Module()
+        self.intermediate.dense, self.output.dense = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+
+    def forward(self, x):
+        return x + self.output.dense(torch.relu(self.intermediate.dense(x)))
+
+
+def test_a_split_pair_inside_a_recognised_ffn_is_converted_with_it():
+    model = ak.convert(torch.nn.Sequential(_EncoderFFN()).requires_grad_(False), **CONFIG)
+    assert type(model[0]) is ak.ASEFFN and type(model[0].base.intermediate.dense) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("target,message", [
     pytest.param([("intermediate.dense", "attention.output.dense")],
                  r"\(layer.0.intermediate.dense, layer.1.attention.output.dense\) \(the first maps to 40 features, the "
