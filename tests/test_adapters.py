@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import ase_kernels as ak
 from ase_kernels.modules import adapter_parameters
+from ase_kernels.split_ffn import ASESplitFFN, ASESplitFFNOutput
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2, num_tasks=3)
 IDS = torch.tensor([2, 0])
@@ -143,6 +144,11 @@ def test_a_split_ffn_file_names_its_second_projection(tmp_path):
     message = r"layer.0.intermediate.dense: the file has a split FFN ending at layer.0.output.dense, but the first "
     with pytest.raises(ValueError, match=message + "maps to 40 features, the second takes 24"):
         ak.load_adapters(narrow, path)
+    alone = torch.nn.Module()
+    alone.fc1 = ASESplitFFN(torch.nn.Linear(16, 40), 16, **CONFIG)
+    ASESplitFFNOutput(torch.nn.Linear(40, 16), alone.fc1)  # its second projection outside the model saved
+    with pytest.raises(ValueError, match=r"split FFNs \['fc1'\] have no ASESplitFFNOutput inside Module"):
+        ak.save_adapters(alone, tmp_path / "alone.safetensors")
     shallow = _bert_like()
     del shallow.layer[1].output
     with pytest.raises(ValueError, match=r"modules that Module lacks: \['layer.1.output.dense'\]"):
