@@ -6,7 +6,11 @@ by a pair: :class:`ASESplitFFN` (the first projection) routes its input once, ho
 leaves the input and the routing for :class:`ASESplitFFNOutput` (the second projection), which takes them at its
 next forward. Every call of the second is therefore preceded by one of the first, as in the model's own forward
 (also chunked, as transformers' ``apply_chunking_to_forward`` runs it, and when activation checkpointing recomputes
-the layer: the first runs again, with the ids of the forward it recomputes, before the second).
+the layer: the first runs again, with the ids of the forward it recomputes, before the second). Chunked, each
+chunk is a forward of its own: ``mi_loss()`` and ``routing_stats()`` read the last chunk's routing, as for every ASE
+module, so leave ``chunk_size_feed_forward`` at 0 when training with the MI loss. The pair's state lives between the
+two calls, in one model instance: ``nn.DataParallel``, whose replicas share it from threads, is not supported (DDP,
+one model per process, is).
 """
 
 import torch
