@@ -73,7 +73,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: Iterable[
     Raises:
         ValueError when parameters outside the ASE routers and experts require grad and extra does not name them
         (the file would silently leave trained weights out): it names the first few and how many, and the two ways
-        on, freezing them or naming them in extra; also for extra patterns that match no parameter.
+        on, freezing them or naming them in extra; also for extra patterns that match no parameter, and for a
+        split FFN whose second projection is not inside model.
 
     Example:
         >>> ak.save_adapters(vit, "ase.safetensors", extra=["head.*"])  # doctest: +SKIP
@@ -81,6 +82,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: Iterable[
     specs = _specs(model)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no ASE modules to save: convert it first (ak.convert)")
+    orphans = [n for n, spec in specs.items() if "output" in spec and spec["output"] is None]
+    if orphans:  # the file could not name the second projection to convert on load
+        raise ValueError(f"the split FFNs {orphans} have no ASESplitFFNOutput inside {type(model).__name__}: save the "
+                         "model that holds both projections")
     extras = _extras(model, extra)
     left = {n: p for n, p in trainable_outside(model).items() if n not in extras}
     if left:
@@ -110,7 +115,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError naming the modules missing on either side, the modules whose type or options differ, the
         extra parameters the model lacks or holds in another shape, and the tensors missing, unexpected or of
         another shape; nothing is loaded then (a plain model whose module names and types fit may be left
-        converted, with fresh experts, when only the shapes differ).
+        converted, with fresh experts, when only the tensor shapes or the extra parameters differ).
 
     Example:
         >>> vit = ak.load_adapters(timm.create_model("vit_base_patch16_224", pretrained=True), "ase.safetensors")
@@ -168,7 +173,7 @@ def _convert_as_saved(model: nn.Module, saved: dict, path: str) -> None:
     for n, spec in saved.items():
         if spec["type"] == "ASESplitFFN":
             problem = _pair_problem(plain[n], plain[spec["output"]])
-            wrong += [f"{n}: the file has a split FFN ending at {spec['output']}, which {problem}"] if problem else []
+            wrong += [f"{n}: the file has a split FFN ending at {spec['output']}, but {problem}"] if problem else []
         elif converted_type(plain[n]) != spec["type"]:
             wrong.append(f"{n}: the file has {spec['type']}, {type(plain[n]).__name__} converts to "
                          f"{converted_type(plain[n])}")

@@ -98,7 +98,8 @@ def convert_module(model: nn.Module, name: str, options: dict) -> _Routed:
     else:
         if placement != "ffn":
             raise ValueError(f"placement={placement!r} needs a timm Mlp with fc1/fc2 or a split FFN; {name!r} is a "
-                             f"{type(module).__name__}, whose experts can only sit beside it (placement='ffn')")
+                             f"{type(module).__name__}, whose experts can only sit beside it (placement='ffn')"
+                             f"{_as_pair(name, module)}")
         weight = _linears(module)[0]
         new = ASEFFN(module, _ffn_width(module), device=weight.device, dtype=weight.dtype, **routing)
     _replace(model, name, module, new)
@@ -142,6 +143,16 @@ def converted_type(module: nn.Module) -> str | None:
     if _is_timm_mlp(module):
         return "ASEMlp"
     return "ASEFFN" if _ffn_width(module) else None
+
+
+def _as_pair(name: str, module: nn.Module) -> str:
+    """For an FFN of exactly two Linears that chain (d -> hidden -> d), the way to LoRA deltas on them: name its
+    projections as a split pair."""
+    linears = {n: m for n, m in module.named_modules() if linear_weight(m) is not None}
+    if len(linears) != 2 or _pair_problem(*linears.values()):
+        return ""
+    first, second = (f"{name.rpartition('.')[2]}.{n}" for n in linears)
+    return f", or name its two projections as a pair: target=[({first!r}, {second!r})]"
 
 
 def _replace(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
@@ -218,7 +229,7 @@ def _bert_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _recognised_ffns(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
     """Names of the outermost FFNs of model that target=None converts, and its split FFN pairs, skipping what is
-    converted already. Refuses 1x1-convolution MLPs."""
+    converted already or inside an FFN converted whole. Refuses 1x1-convolution MLPs."""
     names, skip, convs = [], [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in skip):
@@ -233,7 +244,7 @@ def _recognised_ffns(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]
             skip.append(name)
     if convs:
         raise ValueError(conv_mlp_refusal(convs))
-    return names, _bert_pairs(model)
+    return names, [pair for pair in _bert_pairs(model) if not any(pair[0].startswith(n + ".") for n in names)]
 
 
 def _hits(modules: dict, pattern: str) -> list[str]:
@@ -245,7 +256,8 @@ def _matched(model: nn.Module, target) -> tuple[list[str], list[tuple[str, str]]
     match be convertible, none nested."""
     items = [target] if isinstance(target, str) else list(target)  # a pair is an item of the list
     if not items or not all(isinstance(p, str) or _is_pattern_pair(p) for p in items):
-        raise TypeError(f"target must be None, module-name patterns (str) or pairs of them, got {target!r}")
+        raise TypeError(f"target must be None, module-name patterns (str) or pairs of them as tuples "
+                        f"(first, second), got {target!r}")
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
     routed = [n for n, m in modules.items() if _converted(m)]

@@ -6,7 +6,11 @@ by a pair: :class:`ASESplitFFN` (the first projection) routes its input once, ho
 leaves the input and the routing for :class:`ASESplitFFNOutput` (the second projection), which takes them at its
 next forward. Every call of the second is therefore preceded by one of the first, as in the model's own forward
 (also chunked, as transformers' ``apply_chunking_to_forward`` runs it, and when activation checkpointing recomputes
-the layer: the first runs again, with the ids of the forward it recomputes, before the second).
+the layer: the first runs again, with the ids of the forward it recomputes, before the second). Chunked, each
+chunk is a forward of its own: ``mi_loss()`` and ``routing_stats()`` read the last chunk's routing, as for every ASE
+module, so leave ``chunk_size_feed_forward`` at 0 when training with the MI loss. The pair's state lives between the
+two calls, in one model instance: ``nn.DataParallel``, whose replicas share it from threads, is not supported (DDP,
+one model per process, is).
 """
 
 import torch
@@ -113,7 +117,8 @@ class ASESplitFFNOutput(nn.Module):
         first = self.first
         if first._handoff.value is None:
             raise RuntimeError("ASESplitFFNOutput was called without a forward of its first projection (the "
-                               "ASESplitFFN before it), which routes the FFN input")
+                               "ASESplitFFN before it), which routes the FFN input: call the first on the same tokens "
+                               "before each call of the second, in one forward (or one checkpointed region)")
         (x, routing), first._handoff.value = first._handoff.value, None
         if x.shape[:-1] != h.shape[:-1]:
             raise ValueError(f"h must hold the tokens of the first projection's input {tuple(x.shape[:-1])}, got "

@@ -9,6 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ase_kernels as ak
+from ase_kernels.modules import adapter_parameters
+from ase_kernels.split_ffn import ASESplitFFN, ASESplitFFNOutput
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2, num_tasks=3)
 IDS = torch.tensor([2, 0])
@@ -114,9 +116,12 @@ def test_extra_parameters_are_saved_restored_and_checked(tmp_path):
     assert torch.equal(fresh.head.weight, vit.head.weight)
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(_out(vit, images), _out(fresh, images))
+    seven = tiny_vit(num_classes=7)
     with pytest.raises(ValueError, match=r"extra parameters that do not fit VisionTransformer: \['head.weight: file "
                                          r"\(10, 192\), model \(7, 192\)', 'head.bias: file \(10,\), model \(7,\)'\]"):
-        ak.load_adapters(tiny_vit(num_classes=7), path)
+        ak.load_adapters(seven, path)
+    experts = [p for n, p in adapter_parameters(seven).items() if n.endswith(".B")]
+    assert experts and not any(p.any() for p in experts), "left converted, its experts fresh: nothing loaded"
     with pytest.raises(ValueError, match=r"\['head.weight: not in the model', 'head.bias: not in the model'\]"):
         ak.load_adapters(tiny_vit(num_classes=0), path)
 
@@ -134,6 +139,16 @@ def test_a_split_ffn_file_names_its_second_projection(tmp_path):
     other = ak.convert(_bert_like(), target=[("intermediate.dense", "output.dense")], placement="fc2", **CONFIG)
     with pytest.raises(ValueError, match=r"layer.0.intermediate.dense: placement file 'ffn', model 'fc2'"):
         ak.load_adapters(other, path)
+    narrow = _bert_like()
+    narrow.layer[0].output.dense = torch.nn.Linear(24, 16)
+    message = r"layer.0.intermediate.dense: the file has a split FFN ending at layer.0.output.dense, but the first "
+    with pytest.raises(ValueError, match=message + "maps to 40 features, the second takes 24"):
+        ak.load_adapters(narrow, path)
+    alone = torch.nn.Module()
+    alone.fc1 = ASESplitFFN(torch.nn.Linear(16, 40), 16, **CONFIG)
+    ASESplitFFNOutput(torch.nn.Linear(40, 16), alone.fc1)  # its second projection outside the model saved
+    with pytest.raises(ValueError, match=r"split FFNs \['fc1'\] have no ASESplitFFNOutput inside Module"):
+        ak.save_adapters(alone, tmp_path / "alone.safetensors")
     shallow = _bert_like()
     del shallow.layer[1].output
     with pytest.raises(ValueError, match=r"modules that Module lacks: \['layer.1.output.dense'\]"):

@@ -103,6 +103,33 @@ def test_converting_twice_and_bad_options_are_errors():
         convert_module(torch.nn.Linear(4, 4), "", CONFIG)
 
 
+class GeluMLP(torch.nn.Module):
+    """A d -> d FFN of two Linears that is no timm Mlp (GPT-2's MLP has this shape)."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc_in, self.fc_out = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc_out(torch.nn.functional.gelu(self.fc_in(x)))
+
+
+def test_placement_on_an_ffn_convert_can_only_wrap_names_the_way_to_lora_deltas():
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"mlp": GeluMLP(16, 40)}), SwiGLU(16, 24)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"placement='fc1\+fc2' needs a timm Mlp with fc1/fc2 or a split FFN; '0.mlp' "
+                                         r"is a GeluMLP, .*\(placement='ffn'\), or name its two projections as a pair: "
+                                         r"target=\[\('mlp.fc_in', 'mlp.fc_out'\)\]$"):
+        ak.convert(model, target="0.mlp", placement="fc1+fc2", **CONFIG)
+    with pytest.raises(ValueError, match=r"'1' is a SwiGLU, whose experts can only sit beside it \(placement='ffn'\)$"):
+        ak.convert(model, target="1", placement="fc2", **CONFIG)  # three Linears: no pair to name
+    glu = GeluMLP(16, 40)
+    glu.fc_in = torch.nn.Linear(16, 80)  # a GLU's fused gate and value (d -> 2 hidden): no chaining pair to name
+    with pytest.raises(ValueError, match=r"\(placement='ffn'\)$"):
+        ak.convert(torch.nn.ModuleDict({"mlp": glu}).requires_grad_(False), placement="fc1", **CONFIG)
+    ak.convert(model, target=[("mlp.fc_in", "mlp.fc_out")], placement="fc1+fc2", **CONFIG)  # the way named converts
+    assert type(model[0]["mlp"].fc_in).__name__ == "ASESplitFFN"
+
+
 class SwiGLU(torch.nn.Module):
     """A LLaMA-style gated FFN: down(silu(gate(x)) * up(x)), d -> d."""
 
@@ -214,6 +241,23 @@ def test_split_ffns_are_paired_with_the_next_second_module(target):
         ak.convert(model, target=["layer.0.output.dense"], **CONFIG)
 
 
+class _EncoderFFN(torch.nn.Module):
+    """An FFN by its class name whose Linears sit as a BERT layer's do: converted whole, its pair left inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.intermediate, self.output = torch.nn.Module(), torch.nn.Module()
+        self.intermediate.dense, self.output.dense = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+
+    def forward(self, x):
+        return x + self.output.dense(torch.relu(self.intermediate.dense(x)))
+
+
+def test_a_split_pair_inside_a_recognised_ffn_is_converted_with_it():
+    model = ak.convert(torch.nn.Sequential(_EncoderFFN()).requires_grad_(False), **CONFIG)
+    assert type(model[0]) is ak.ASEFFN and type(model[0].base.intermediate.dense) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("target,message", [
     pytest.param([("intermediate.dense", "attention.output.dense")],
                  r"\(layer.0.intermediate.dense, layer.1.attention.output.dense\) \(the first maps to 40 features, the "
@@ -223,6 +267,7 @@ def test_split_ffns_are_paired_with_the_next_second_module(target):
     pytest.param(["layer.0.output.dense", ("intermediate.dense", "output.dense")], r"the same module twice "
                  r"\['layer.0.output.dense'\]", id="twice"),
     pytest.param([("intermediate.dense", "output.dense", "x")], "or pairs of them", id="triple"),
+    pytest.param([["intermediate.dense", "output.dense"]], r"pairs of them as tuples \(first, second\)", id="list"),
 ])
 def test_bad_pairs_are_named(target, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -233,7 +278,8 @@ def test_convert_warns_once_about_trainable_parameters_it_leaves_outside():
     with pytest.warns(UserWarning) as record:
         ak.convert(tiny_vit(), **CONFIG)
     messages = [str(w.message) for w in record]
-    assert len(messages) == 1, messages
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert record[0].filename == __file__, "the warning points at the caller's line (once per line, Python's default)"
     left = [p for n, p in tiny_vit().named_parameters() if ".mlp.fc" not in n]  # convert froze fc1 and fc2 only
     assert messages[0].startswith(f"{sum(p.numel() for p in left):,} parameters in {len(left)} tensors outside the ASE "
                                   f"modules still require grad (cls_token, pos_embed, patch_embed.proj.weight and "

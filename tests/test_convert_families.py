@@ -131,6 +131,8 @@ def test_bert_split_ffns_survive_activation_checkpointing():
     grads = []
     for checkpointing in (False, True):
         getattr(bert, f"{prefix}_checkpointing_{'enable' if checkpointing else 'disable'}")()
+        on = any(getattr(m, "gradient_checkpointing", False) for m in bert.modules())  # the layers' (or encoder's) flag
+        assert on == checkpointing, "the comparison needs one run checkpointed and one not"
         bert.train().zero_grad()
         loss = 0
         for task in (1, 0):

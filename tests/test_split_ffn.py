@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import ase_kernels as ak
 from ase_kernels import reference
+from ase_kernels.modules import linear_weight
 from ase_kernels.split_ffn import ASESplitFFN, ASESplitFFNOutput
 
 CONFIG = dict(num_experts=8, top_k=2, num_shared=1, rank=2)
@@ -59,7 +60,20 @@ def _reference_pair(first: ASESplitFFN, fc1, fc2, x, ids):
     return y, x64, p
 
 
-@pytest.mark.parametrize("placement,kind", [("ffn", "Conv1D"), ("fc1+fc2", "Linear"), ("fc1+fc2", "Conv1D")])
+def _gradients_match(y, want, x, x64, module, p) -> None:
+    """One random d_y through y and through its float64 reference want (built from x64 and the copies p of module's
+    trainable parameters): x and each trainable parameter get the reference's gradient."""
+    d_y = torch.randn_like(y)
+    y.backward(d_y)
+    want.backward(d_y.cpu().double())
+    assert_close("d_x", x64.grad, x.grad)
+    for name, t in module.named_parameters():
+        if t.requires_grad:
+            assert_close(f"d_{name}", p[name].grad, t.grad)
+
+
+@pytest.mark.parametrize("placement,kind", [("ffn", "Conv1D"), ("fc1+fc2", "Linear"), ("fc1+fc2", "Conv1D"),
+                                             ("fc1", "Conv1D")])
 def test_a_split_pair_is_one_ase_ffn_with_one_routing(backend, placement, kind):
     fc1, fc2 = _projection(kind, D, HIDDEN), _projection(kind, HIDDEN, D)
     first = ASESplitFFN(fc1, D, placement=placement, num_tasks=2, alpha=3.0, **CONFIG)
@@ -70,13 +84,7 @@ def test_a_split_pair_is_one_ase_ffn_with_one_routing(backend, placement, kind):
     y = second(torch.nn.functional.gelu(first(x, ids)))
     want, x64, p = _reference_pair(first, fc1, fc2, x, ids.repeat_interleave(7))
     assert_close("y", want, y)
-    d_y = torch.randn_like(y)
-    y.backward(d_y)
-    want.backward(d_y.cpu().double())
-    assert_close("d_x", x64.grad, x.grad)
-    for name, t in first.named_parameters():
-        if t.requires_grad:
-            assert_close(f"d_{name}", p[name].grad, t.grad)
+    _gradients_match(y, want, x, x64, first, p)
     assert fc1.weight.grad is None and fc2.weight.grad is None, "the projections are frozen"
 
 
@@ -85,6 +93,9 @@ def test_moe_lora_linear_takes_a_conv1d_as_its_transposed_weight(backend):
     conv = _projection("Conv1D", D, HIDDEN)
     layer = ak.MoELoRALinear(conv, num_tasks=2, **CONFIG)
     assert layer.base is conv and not conv.weight.requires_grad, "the Conv1D itself, frozen"
+    view = linear_weight(conv)
+    assert view.shape == (HIDDEN, D) and view.data_ptr() == conv.weight.data_ptr() and view.stride() == (1, HIDDEN), \
+        "the kernels get the stored (d_in, d_out) tensor as a strided view, not a contiguous copy"
     x = torch.randn(3, 5, D, device=DEVICE)
     ids = torch.tensor([0, 1, 1], device=DEVICE)
     assert_close("fresh", conv(x), layer(x, ids))
@@ -97,19 +108,14 @@ def test_moe_lora_linear_takes_a_conv1d_as_its_transposed_weight(backend):
     want = reference.moe_lora(x64, p["experts.A"], p["experts.B"], r, layer.scale, base_input=x64,
                               base_weight=_weight64(conv).cpu(), base_bias=conv.bias.detach().cpu().double())
     assert_close("y", want, y)
-    d_y = torch.randn_like(y)
-    y.backward(d_y)
-    want.backward(d_y.cpu().double())
-    assert_close("d_x", x64.grad, x.grad)
-    for name, t in layer.named_parameters():
-        if t.requires_grad:
-            assert_close(f"d_{name}", p[name].grad, t.grad)
+    _gradients_match(y, want, x, x64, layer, p)
 
 
 def test_the_second_projection_needs_the_first_forward_of_the_same_tokens():
     first = ASESplitFFN(torch.nn.Linear(D, HIDDEN), D, **CONFIG)
     second = ASESplitFFNOutput(torch.nn.Linear(HIDDEN, D), first)
-    with pytest.raises(RuntimeError, match="without a forward of its first projection"):
+    with pytest.raises(RuntimeError, match="without a forward of its first projection .*: call the first on the "
+                                           r"same tokens before each call of the second, in one forward \(or one"):
         second(torch.randn(4, HIDDEN))
     first(torch.randn(4, D))
     with pytest.raises(ValueError, match=r"tokens of the first projection's input \(4,\), got shape \(5, 40\)"):
@@ -163,3 +169,34 @@ def test_a_split_pair_compiles_fullgraph():
     with ak.task_ids(model, ids):
         want = model(x)
         assert_close("y", want, torch.compile(model, fullgraph=True)(x))
+
+
+@pytest.mark.parametrize("how", ["chunked", "reentrant", "non-reentrant"])
+def test_the_handoff_survives_chunking_and_activation_checkpointing(how):
+    """The second projection takes the routing of the first's last forward: the tokens in chunks (transformers'
+    apply_chunking_to_forward runs the pair chunk by chunk) and checkpointing (the first runs again inside backward,
+    after the task_ids block, before the second) give what one plain forward gives, and keep nothing afterwards."""
+    model = ak.convert(_Encoder().requires_grad_(False), target=[("intermediate", "output")], placement="fc1+fc2",
+                       num_tasks=2, **CONFIG)
+    _randomise(model.intermediate)
+    x, ids = torch.randn(2, 6, D, requires_grad=True), torch.tensor([1, 0])
+    d_y = torch.randn(2, 6, D)
+
+    def run(how):
+        x.grad = None
+        model.zero_grad()
+        with ak.task_ids(model, ids):
+            if how == "chunked":
+                y = torch.cat([model(chunk) for chunk in x.split(4, dim=1)], dim=1)  # 4 then 2 tokens per sequence
+            elif how == "plain":
+                y = model(x)
+            else:
+                y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=how == "reentrant")
+        y.backward(d_y)
+        assert model.intermediate._handoff.value is None, "the second took what the first left"
+        return {"y": y.detach(), "d_x": x.grad} | {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want, got = run("plain"), run(how)
+    assert len(want) == 2 + 5  # y, d_x, the router and two expert banks of A and B
+    for name in want:
+        assert_close(name, want[name], got[name])
