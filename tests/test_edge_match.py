@@ -31,7 +31,7 @@ from ase_model.edge_match import GroundTruthMatcher, disc_offsets, match_counts,
 from ase_model.metrics import edge_thresholds
 from ase_model.synthetic import _draw, image_size
 
-RUNS = 3  # pyEdgeEval runs per pair: its outlier graph is random
+RUNS = 5  # pyEdgeEval runs per pair: its outlier graph is random (its seed is the clock)
 THRESHOLDS = edge_thresholds(99)[4::9]  # 11 of SEISM's 99: 0.05, 0.14, ..., 0.95
 
 
@@ -224,23 +224,36 @@ def test_counts_are_pyedgeeval_s_within_its_spread(pyedgeeval):
 
 def dataset_ods_f():
     """odsF (percent) over the synthetic dataset's images, their pairs summed per threshold: the fast counts, each
-    pyEdgeEval run's, and the best run's per pair (the limit pyEdgeEval approaches from below)."""
+    pyEdgeEval run's, and the best run's per pair (the limit pyEdgeEval approaches from below); and the most a
+    single run can lose under the model of the random loss. With count_r = count_p = c, F = 2 c / (gt +
+    predicted pixels), so a run that loses L pairs at the fast counts' best threshold reads at most
+    2 L / (gt + predicted) lower; L is taken as at most ceil(M + 4 sqrt(M)) + 1, M the sum of mu over the images
+    there (as the per-pair bound above, at 4 sigma for the sum)."""
     rows = [r for r in agreement() if r[0] == "synthetic-dataset"]
+    n = len(THRESHOLDS)
 
-    def ods(counts):  # (pairs, 4) -> summed per threshold over the images, best F
-        c = counts.reshape(-1, len(THRESHOLDS), 4).sum(0)
+    def f(counts):  # (pairs, 4) -> F per threshold of the counts summed over the images
+        c = counts.reshape(-1, n, 4).sum(0)
         recall, precision = c[:, 0] / np.maximum(c[:, 1], 1), c[:, 2] / np.maximum(c[:, 3], 1)
-        return 100 * np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+        return 100 * 2 * precision * recall / np.maximum(precision + recall, 1e-12)
 
+    fast = np.stack([r[1] for r in rows])  # (pairs, 4)
     runs = np.stack([r[2] for r in rows])  # (pairs, RUNS, 4)
-    return ods(np.stack([r[1] for r in rows])), [ods(runs[:, k]) for k in range(RUNS)], ods(runs.max(1))
+    best_t = int(f(fast).argmax())
+    m = sum(expected_unreached(*r[4]) for r in rows[best_t::n])
+    totals = fast.reshape(-1, n, 4)[:, best_t].sum(0)
+    allowed = 100 * 2 * (math.ceil(m + 4 * math.sqrt(m)) + 1) / (totals[1] + totals[3])
+    return f(fast).max(), [f(runs[:, k]).max() for k in range(RUNS)], f(runs.max(1)).max(), allowed
 
 
 def test_dataset_ods_f_of_the_two_matchers(pyedgeeval):
-    """The meter's odsF with either matcher: fast above every pyEdgeEval run, by at most 0.1 points over its best
-    runs and 0.2 over a single run (measured: see README.md, Protocol)."""
-    fast, runs, best = dataset_ods_f()
-    assert 0 <= fast - best <= 0.1 and all(0 <= fast - r <= 0.2 for r in runs), (fast, runs, best)
+    """Dataset odsF from either matcher's counts: fast above every pyEdgeEval run, by at most 0.1 points over the
+    best of its 5 runs per pair (the issue's criterion: 1.4% of triples of runs exceed it, 5e-5 of quintuples, on
+    30 runs measured) and by what the random-loss model allows over a single run (one run alone reads 0-0.32 points
+    lower on these images, 40 runs measured: see README.md, Protocol)."""
+    fast, runs, best, allowed = dataset_ods_f()
+    assert 0 <= fast - best <= 0.1, (fast, best)
+    assert all(0 <= fast - r <= allowed for r in runs), (fast, runs, allowed)
 
 
 def test_the_speed_benchmark_runs(pyedgeeval, capsys):
