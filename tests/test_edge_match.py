@@ -22,6 +22,7 @@ import functools
 import math
 
 import numpy as np
+import pytest
 import scipy.ndimage
 import scipy.sparse
 from scipy.sparse.csgraph import maximum_bipartite_matching, min_weight_full_bipartite_matching
@@ -178,6 +179,15 @@ def test_disc_is_match_cc_s_window():
     assert (0, 5) in five and (3, 4) in five and (4, 4) not in five and len(five) == 81
     assert (0, 5) not in {tuple(o) for o in disc_offsets((60, 80), 0.0499)}
     assert len(disc_offsets((60, 80), 0.001)) == 1  # 0.1 px: only the pixel itself
+
+
+def test_match_counts_refuses_other_shapes():
+    """pyEdgeEval refuses maps of two shapes; a (1, W) prediction would otherwise broadcast against the ground
+    truth into wrong counts."""
+    gt = np.zeros((6, 9), bool)
+    for pred in (np.ones((1, 9)), np.ones((6, 8)), np.ones(9)):
+        with pytest.raises(ValueError, match="prediction"):
+            match_counts(THRESHOLDS[:1], pred, gt)
 
 
 def test_the_maximum_flow_is_a_maximum_matching():
