@@ -1,8 +1,7 @@
 """ase_model/edge_match.py against pyEdgeEval, the reference: the thinning pixel for pixel, and the matched counts
 of image-threshold pairs (synthetic edge maps: sparse, dense, noisy, empty prediction, empty ground truth, every
 pixel predicted, the distance rule's boundary, a contour shifted along itself; and the synthetic dataset's images)
-against several
-runs of pyEdgeEval's randomised assignment (``correspond_pixels``, BSDS match.cc).
+against several runs of pyEdgeEval's randomised assignment (``correspond_pixels``, BSDS match.cc).
 
 The bound. A maximum matching is at least as large as any other, so fast >= every pyEdgeEval run. From above:
 (a) the exact optimum of match.cc's objective with every outlier connection present (computed here independently
