@@ -4,9 +4,11 @@ pyEdgeEval (BSDS ``correspondPixels``, ``match.cc``) matches the thinned predict
 minimum-cost perfect assignment (CSA) on a graph of
 
 - real edges between a predicted and a ground-truth pixel at distance d <= maxDist (``u*u + v*v > maxDist*maxDist``
-  is skipped, ``match.cc`` lines 70-84), each costing ``rint(100 d)`` <= 100 maxDist;
-- outlier edges, six random ones per pixel (``kOfN``, ``degree = 6``), each costing ``ow = ceil(100 outlierCost)``
-  with ``outlierCost = 100 maxDist`` (``correspond_pixels.pyx``), and a perfect-match overlay at 100 ow.
+  is skipped in the ``ceil(maxDist)`` window, ``match.cc`` lines 61 and 114-139), each costing ``rint(100 d)``
+  <= 100 maxDist (line 186);
+- outlier edges, six random ones per pixel (``kOfN``, ``degree = 6``, lines 189-237), each costing
+  ``ow = ceil(100 outlierCost)`` (line 170) with ``outlierCost = 100 maxDist`` (``correspond_pixels.pyx``), and a
+  perfect-match overlay at 100 ow (lines 238-250).
 
 A perfect assignment with k real pairs costs (real distances) + ow (n1 + n2 - k) when its outliers find cheap
 edges, so each further real pair saves ow - 100 maxDist, 99 times what any real edge costs: the optimum takes
@@ -136,7 +138,10 @@ def match_counts(thresholds: np.ndarray, pred: np.ndarray, gt: np.ndarray, max_d
     (H, W) float edge strength, binarised as ``pred >= t`` and thinned; gt (H, W) bool, already thin; count_r =
     count_p = the matched pairs, sum_r = gt pixels (0 with no ground truth), sum_p = thinned predicted pixels.
     Thresholds that select the same pixels share one thinning and matching."""
-    gt = np.asarray(gt, bool)
+    pred, gt = np.asarray(pred), np.asarray(gt, bool)
+    if pred.shape != gt.shape or gt.ndim != 2:
+        raise ValueError(f"edge matching: the prediction {pred.shape} and the ground truth {gt.shape} must be one "
+                         "(H, W) shape")
     matcher = GroundTruthMatcher(gt, max_dist)
     out = np.zeros((4, len(thresholds)))
     done = {}  # pixels selected -> (matched, predicted); the selections are nested, so the count names the set

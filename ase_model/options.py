@@ -122,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="runs/ase", help="directory for config, logs, checkpoints, plots")
     g.add_argument("--eval-every", type=int, help="epochs between evaluations")
     g.add_argument("--edge-eval-every", type=int, default=0,
-                   help="epochs between evaluations with the edge odsF (needs pyEdgeEval; the final evaluation "
-                        "always has it; the others report the edge BCE); 0: the final evaluation only")
+                   help="epochs between evaluations with the edge odsF (the final evaluation always has it; the "
+                        "others report the edge BCE); 0: the final evaluation only")
     g.add_argument("--eval-workers", type=int, default=0, help="processes for the edge odsF boundary matching")
     g.add_argument("--edge-matcher", default="fast", choices=["fast", "pyedgeeval"],
                    help="the edge odsF boundary matching: fast (a maximum matching, the count pyEdgeEval's "

@@ -1,7 +1,7 @@
 """ase_model/edge_match.py against pyEdgeEval, the reference: the thinning pixel for pixel, and the matched counts
-of image-threshold pairs (synthetic edge maps: sparse, dense, noisy, empty prediction, empty ground truth, the
-distance rule's boundary, a contour shifted along itself; and the synthetic dataset's images) against several
-runs of pyEdgeEval's randomised assignment (``correspond_pixels``, BSDS match.cc).
+of image-threshold pairs (synthetic edge maps: sparse, dense, noisy, empty prediction, empty ground truth, every
+pixel predicted, the distance rule's boundary, a contour shifted along itself; and the synthetic dataset's images)
+against several runs of pyEdgeEval's randomised assignment (``correspond_pixels``, BSDS match.cc).
 
 The bound. A maximum matching is at least as large as any other, so fast >= every pyEdgeEval run. From above:
 (a) the exact optimum of match.cc's objective with every outlier connection present (computed here independently
@@ -12,13 +12,16 @@ side, does that (one pair per such contour; the "shifted-contour" case below); (
 node to 6 random ones (kOfN), and an outlier node that no random edge reaches forces one pixel out of the
 matching; of the smaller side's n_min outlier nodes, mu = n_min (1 - 6 / n_min)^n_max are expected so (n: the
 pixels with a partner in reach on each side). Taking (b) as the model of the random loss (a model: the test
-measures it), fast - max(runs) <= (fast - optimum) + ceil(mu + 3 sqrt(mu)) + 1.
+measures it), fast - max(runs) <= (fast - optimum) + ceil(mu + 3 sqrt(mu)) + 1. Where the random outlier edges
+are all there are (at most 7 matchable pixels a side, 6 on the smaller: match.cc lines 147-149), there is no (b):
+CSA is exact, and every run must give the optimum (the distance boundary's pairs are checked so).
 """
 
 import functools
 import math
 
 import numpy as np
+import pytest
 import scipy.ndimage
 import scipy.sparse
 from scipy.sparse.csgraph import maximum_bipartite_matching, min_weight_full_bipartite_matching
@@ -28,7 +31,7 @@ from ase_model.edge_match import GroundTruthMatcher, disc_offsets, match_counts,
 from ase_model.metrics import edge_thresholds
 from ase_model.synthetic import _draw, image_size
 
-RUNS = 3  # pyEdgeEval runs per pair: its outlier graph is random
+RUNS = 5  # pyEdgeEval runs per pair: its outlier graph is random (its seed is the clock)
 THRESHOLDS = edge_thresholds(99)[4::9]  # 11 of SEISM's 99: 0.05, 0.14, ..., 0.95
 
 
@@ -51,17 +54,28 @@ def optimum_pairs(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
     return int(np.count_nonzero(col < len(g)))
 
 
-def expected_unreached(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> float:
-    """mu above: the outlier nodes of match.cc's smaller side that none of the larger side's 6 random outlier
-    edges reach, in expectation, for the pixels with a partner in reach (match.cc's 'matchable' nodes)."""
+def matchable(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple[int, int]:
+    """(n1, n2): the predicted and ground-truth pixels with a partner in reach, match.cc's nodes."""
     offsets = disc_offsets(gt.shape, max_dist)
     r = int(np.abs(offsets).max())
     disc = np.zeros((2 * r + 1, 2 * r + 1), bool)
     disc[offsets[:, 0] + r, offsets[:, 1] + r] = True
     n1 = np.count_nonzero(pred & scipy.ndimage.binary_dilation(gt, disc))
     n2 = np.count_nonzero(gt & scipy.ndimage.binary_dilation(pred, disc))
+    return n1, n2
+
+
+def expected_unreached(n1: int, n2: int) -> float:
+    """mu above: the outlier nodes of match.cc's smaller side that none of the larger side's 6 random outlier
+    edges reach, in expectation, for n1 and n2 matchable nodes."""
     small, large = min(n1, n2), max(n1, n2)
     return small * (1 - 6 / small) ** large if small > 6 else 0.0
+
+
+def complete_outlier_graph(n1: int, n2: int) -> bool:
+    """match.cc's random outlier edges are all of them (d1 = n1 - 1, d2 = n2 - 1, d3 = min(n1, n2): lines
+    147-149): CSA then solves the full problem exactly, and every run must give the optimum."""
+    return max(n1, n2) <= 7 and min(n1, n2) <= 6
 
 
 def _contours(h, w, rng, shapes=3):
@@ -111,12 +125,15 @@ def cases():
         gt = edges_from_context(_draw(rng, h, w)[2]).astype(bool)
         prob = _blurred(gt, rng, rng.uniform(0.5, 2), rng.uniform(1.5, 5), rng.uniform(0, 0.5))
         out.append(("synthetic-dataset", prob, gt, (0.0075, 0.02, 0.04)[i % 3], THRESHOLDS))
+    # every pixel predicted (the thinning of a full image), against the last dataset image's edges
+    for max_dist in (0.0075, 0.05):
+        out.append(("all-on", np.ones(gt.shape), gt, max_dist, THRESHOLDS[:1]))
     return out
 
 
 @functools.cache
 def agreement():
-    """Per image-threshold pair: (name, fast counts (4,), pyEdgeEval counts (RUNS, 4), optimum pairs, mu)."""
+    """Per image-threshold pair: (name, fast counts (4,), pyEdgeEval counts (RUNS, 4), optimum pairs, (n1, n2))."""
     from pyEdgeEval._lib import correspond_pixels
     from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold
     from pyEdgeEval.preprocess import binary_thin
@@ -136,7 +153,7 @@ def agreement():
                 else:
                     runs.append(once[:, i])
             rows.append((name, fast[:, i], np.stack(runs), optimum_pairs(pred, gt, max_dist),
-                         expected_unreached(pred, gt, max_dist)))
+                         matchable(pred, gt, max_dist)))
     return rows
 
 
@@ -163,6 +180,15 @@ def test_disc_is_match_cc_s_window():
     assert len(disc_offsets((60, 80), 0.001)) == 1  # 0.1 px: only the pixel itself
 
 
+def test_match_counts_refuses_other_shapes():
+    """pyEdgeEval refuses maps of two shapes; a (1, W) prediction would otherwise broadcast against the ground
+    truth into wrong counts."""
+    gt = np.zeros((6, 9), bool)
+    for pred in (np.ones((1, 9)), np.ones((6, 8)), np.ones(9)):
+        with pytest.raises(ValueError, match="prediction"):
+            match_counts(THRESHOLDS[:1], pred, gt)
+
+
 def test_the_maximum_flow_is_a_maximum_matching():
     """Dinic's flow value against SciPy's Hopcroft-Karp on the same within-reach graphs (small ones, where its
     dead-end re-exploration does not show)."""
@@ -182,17 +208,23 @@ def test_the_maximum_flow_is_a_maximum_matching():
 def test_counts_are_pyedgeeval_s_within_its_spread(pyedgeeval):
     rows = agreement()
     names = {r[0] for r in rows}
-    assert len(rows) >= 200 and {"sparse", "dense", "noisy", "empty-prediction", "empty-ground-truth",
+    assert len(rows) >= 200 and {"sparse", "dense", "noisy", "empty-prediction", "empty-ground-truth", "all-on",
                                  "synthetic-dataset"} <= names
-    for name, fast, runs, optimum, mu in rows:
+    exact = set()
+    for name, fast, runs, optimum, (n1, n2) in rows:
         # totals exact: the same thinning, the same ground truth
         np.testing.assert_array_equal(runs[:, [1, 3]], np.broadcast_to(fast[[1, 3]], (RUNS, 2)), err_msg=name)
         assert fast[0] == fast[2] and (runs[:, 0] == runs[:, 2]).all(), name
         best = runs[:, 0].max()
         assert fast[0] >= best, f"{name}: {fast[0]} pairs, pyEdgeEval {runs[:, 0]}"
         assert optimum == fast[0] - (name == "shifted-contour"), f"{name}: optimum {optimum}, fast {fast[0]}"
+        if complete_outlier_graph(n1, n2):  # no random loss: every run is the optimum
+            exact.add(name)
+            assert (runs[:, 0] == optimum).all(), f"{name}: optimum {optimum}, pyEdgeEval {runs[:, 0]}"
+        mu = expected_unreached(n1, n2)
         bound = (fast[0] - optimum) + math.ceil(mu + 3 * math.sqrt(mu)) + 1
         assert fast[0] - best <= bound, f"{name}: {fast[0]} pairs, pyEdgeEval {runs[:, 0]}, bound {bound}"
+    assert {"distance-boundary", "empty-prediction"} <= exact, exact
     shifted = [r for r in rows if r[0] == "shifted-contour"]
     assert all(r[1][0] == 200 and r[2][:, 0].max() <= 199 for r in shifted), "match.cc gives one pair up"
     boundary = [r[1][0] for r in rows if r[0] == "distance-boundary"]
@@ -201,23 +233,36 @@ def test_counts_are_pyedgeeval_s_within_its_spread(pyedgeeval):
 
 def dataset_ods_f():
     """odsF (percent) over the synthetic dataset's images, their pairs summed per threshold: the fast counts, each
-    pyEdgeEval run's, and the best run's per pair (the limit pyEdgeEval approaches from below)."""
+    pyEdgeEval run's, and the best run's per pair (the limit pyEdgeEval approaches from below); and the most a
+    single run can lose under the model of the random loss. With count_r = count_p = c, F = 2 c / (gt +
+    predicted pixels), so a run that loses L pairs at the fast counts' best threshold reads at most
+    2 L / (gt + predicted) lower; L is taken as at most ceil(M + 4 sqrt(M)) + 1, M the sum of mu over the images
+    there (as the per-pair bound above, at 4 sigma for the sum)."""
     rows = [r for r in agreement() if r[0] == "synthetic-dataset"]
+    n = len(THRESHOLDS)
 
-    def ods(counts):  # (pairs, 4) -> summed per threshold over the images, best F
-        c = counts.reshape(-1, len(THRESHOLDS), 4).sum(0)
+    def f(counts):  # (pairs, 4) -> F per threshold of the counts summed over the images
+        c = counts.reshape(-1, n, 4).sum(0)
         recall, precision = c[:, 0] / np.maximum(c[:, 1], 1), c[:, 2] / np.maximum(c[:, 3], 1)
-        return 100 * np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+        return 100 * 2 * precision * recall / np.maximum(precision + recall, 1e-12)
 
+    fast = np.stack([r[1] for r in rows])  # (pairs, 4)
     runs = np.stack([r[2] for r in rows])  # (pairs, RUNS, 4)
-    return ods(np.stack([r[1] for r in rows])), [ods(runs[:, k]) for k in range(RUNS)], ods(runs.max(1))
+    best_t = int(f(fast).argmax())
+    m = sum(expected_unreached(*r[4]) for r in rows[best_t::n])
+    totals = fast.reshape(-1, n, 4)[:, best_t].sum(0)
+    allowed = 100 * 2 * (math.ceil(m + 4 * math.sqrt(m)) + 1) / (totals[1] + totals[3])
+    return f(fast).max(), [f(runs[:, k]).max() for k in range(RUNS)], f(runs.max(1)).max(), allowed
 
 
 def test_dataset_ods_f_of_the_two_matchers(pyedgeeval):
-    """The meter's odsF with either matcher: fast above every pyEdgeEval run, by at most 0.1 points over its best
-    runs and 0.2 over a single run (measured: see README.md, Protocol)."""
-    fast, runs, best = dataset_ods_f()
-    assert 0 <= fast - best <= 0.1 and all(0 <= fast - r <= 0.2 for r in runs), (fast, runs, best)
+    """Dataset odsF from either matcher's counts: fast above every pyEdgeEval run, by at most 0.1 points over the
+    best of its 5 runs per pair (the issue's criterion: 1.4% of triples of runs exceed it, 5e-5 of quintuples, on
+    30 runs measured) and by what the random-loss model allows over a single run (one run alone reads 0-0.32 points
+    lower on these images, 40 runs measured: see README.md, Protocol)."""
+    fast, runs, best, allowed = dataset_ods_f()
+    assert 0 <= fast - best <= 0.1, (fast, best)
+    assert all(0 <= fast - r <= allowed for r in runs), (fast, runs, allowed)
 
 
 def test_the_speed_benchmark_runs(pyedgeeval, capsys):
