@@ -88,8 +88,8 @@ def test_target_tensor_cores_follow_the_precision(target_row):
     """16-bit and TF32 GEMM variants run MMA instructions in their main loops; IEEE fp32 ones run none."""
     dtype, report = target_row
     gemms = [v for v in report["variants"] if v["kernel"] in GEMM_KERNELS]
-    mma = {(v["role"], v["tile"]): bool(v["hgmma_in_loop"] or v["hmma_in_loop"]) for v in gemms}
+    mma = {(v["role"], v["tile"]): bool(v["hgmma_in_loop"] or v["hmma_in_loop"] or v["utcmma_in_loop"]) for v in gemms}
     if dtype == "fp32":
-        assert not any(v["hgmma"] or v["hmma"] for v in gemms), mma
+        assert not any(v["hgmma"] or v["hmma"] or v["utcmma"] for v in gemms), mma
     else:
         assert gemms and all(mma.values()), mma

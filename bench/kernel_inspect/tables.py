@@ -18,8 +18,9 @@ def _grid(config: dict) -> str:
 
 
 def _mma(v: dict) -> str:
-    """wgmma (HGMMA) or mma.sync (HMMA), and whether it runs inside a loop (the main loop)."""
-    for kind, count, in_loop in (("wgmma", v["hgmma"], v["hgmma_in_loop"]), ("mma.sync", v["hmma"], v["hmma_in_loop"])):
+    """wgmma (HGMMA), mma.sync (HMMA) or tcgen05 (UTC*MMA), and whether it runs inside a loop (the main loop)."""
+    for kind, count, in_loop in (("wgmma", v["hgmma"], v["hgmma_in_loop"]), ("mma.sync", v["hmma"], v["hmma_in_loop"]),
+                                 ("tcgen05", v["utcmma"], v["utcmma_in_loop"])):
         if count:
             return f"{kind}, {'in loop' if in_loop else 'not in a loop'}"
     return "none"
