@@ -12,8 +12,8 @@ every Triton launch compiled for the target through Triton's own binder and not 
 (``bench/kernel_inspect``), and prints Markdown tables:
 
 - per compiled variant (every autotune configuration that survives the kernels' pruning for the target):
-  role, tile, warps, stages, registers, spill bytes, shared memory, programs per SM of the target, wgmma (HGMMA)
-  in a loop, TMA loads (UTMALDG);
+  role, tile, warps, stages, registers, spill bytes, shared memory, programs per SM of the target, the MMA in
+  its main loop (wgmma, mma.sync or tcgen05), TMA loads (UTMALDG);
 - per launch: grid per variant, FLOPs, minimum HBM bytes, the roofline floor at the target GPU's datasheet
   peaks (``kernel_inspect/roofline.py`` names the GPU and cites each figure);
 - for the whole forward+backward: device launches (Triton launches + torch ops that launch a CUDA kernel),
@@ -23,8 +23,9 @@ every Triton launch compiled for the target through Triton's own binder and not 
   markers in the timed steps, this thread's CPU time, alternating calls, and the ratio's spread over
   ``--host-rounds`` rounds.
 
-Three passes: (1) compile and record (every autotuned launch compiles all its configurations), (2) count under
-``torch.profiler`` and a sync detector (steady state: nothing is compiled or tuned), (3) host time. Compiled
+Three passes: (1) compile and record (every autotuned launch compiles all its surviving configurations, or with
+``--first-config`` the first), (2) count under ``torch.profiler`` and a sync detector (steady state: nothing is
+compiled or tuned), (3) host time (``--host-rounds 0`` skips it). Compiled
 variants and their ptxas/cuobjdump results stay in Triton's cache (``TRITON_CACHE_DIR``): a second run takes
 seconds. Values that the Triton kernels would compute are never computed (their outputs stay uninitialised).
 """

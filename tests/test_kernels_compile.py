@@ -143,7 +143,7 @@ def test_every_kernel_compiles(target, dtype, all_configs):
         assert not spilling, f"register spills (kernel:bytes per thread:...) at sm_{target} {dtype}: {spilling}"
         packed = [c for c in compiled if "[packed]" in c]
         # a gathered lora_B tile costs 32 scalar 16-bit loads per thread here; one may remain for the bias row
-        assert len(packed) == 1 + 2 * 3 and all(int(c.split(":")[2]) <= 1 for c in packed), \
+        assert len(packed) == 1 + 2 * len(_EXPAND_16) and all(int(c.split(":")[2]) <= 1 for c in packed), \
             f"16-bit gathers of lora_B (kernel:spills:16-bit loads): {packed}"
 
 

@@ -4,9 +4,9 @@ default), TF32 tensor cores at "high" or "medium" (ase_kernels/kernels/common.py
 What a CPU run can and cannot show: the interpreter computes every tl.dot in fp32 whatever its input_precision,
 so here the TF32 path is held to the TF32 tolerances and proven to run (the "tf32" kernels compile and execute),
 but its rounding is not exercised; that it lands on the tensor cores is held by tests/test_targets.py, which
-compiles the fp32 variants for every GPU with TF32 allowed and finds MMA instructions in their main loops (and
-none in the IEEE variants). The IEEE path is held to fp32 tolerances by every fp32 test of the suite (conftest
-turns TF32 off).
+compiles fp32 with TF32 allowed (sm_80 in CI, every GPU in ``python -m bench.sweep_targets``) and finds MMA
+instructions in every GEMM's main loop, and none in the IEEE variants (sm_86, sm_90, sm_120 in CI). The IEEE
+path is held to fp32 tolerances by every fp32 test of the suite (conftest turns TF32 off).
 """
 
 import pytest
