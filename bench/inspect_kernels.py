@@ -1,6 +1,7 @@
 """Inspect one forward+backward of an ASE module for a GPU, without a GPU.
 
-    python -m bench.inspect_kernels [--target sm_90] [--json FILE] [shape options]
+    python -m bench.inspect_kernels [--target sm_80|sm_86|sm_89|sm_90|sm_100|sm_120] [--dtype bf16|fp16|fp32]
+                                    [--tf32] [--json FILE] [shape options]
 
 from the repository root, with ase_kernels importable (``pip install -e .`` or ``PYTHONPATH=.``) and neither
 ``TRITON_INTERPRET`` nor ``ASE_KERNELS_BACKEND`` set; ``--help`` lists the options.
@@ -10,15 +11,21 @@ bf16, x = (64, 197, 768) task-major with 13/13/13/13/12 images per task, frozen 
 every Triton launch compiled for the target through Triton's own binder and not launched
 (``bench/kernel_inspect``), and prints Markdown tables:
 
-- per compiled variant (every autotune configuration): role, tile, warps, stages, registers, spill bytes,
-  shared memory, programs per H100 SM, wgmma (HGMMA) in a loop, TMA loads (UTMALDG);
-- per launch: grid per variant, FLOPs, minimum HBM bytes, the roofline floor at 700 TFLOP/s and 3 TB/s;
+- per compiled variant (every autotune configuration that survives the kernels' pruning for the target):
+  role, tile, warps, stages, registers, spill bytes, shared memory, programs per SM of the target, the MMA in
+  its main loop (wgmma, mma.sync or tcgen05), TMA loads (UTMALDG);
+- per launch: grid per variant, FLOPs, minimum HBM bytes, the roofline floor at the target GPU's datasheet
+  peaks (``kernel_inspect/roofline.py`` names the GPU and cites each figure);
 - for the whole forward+backward: device launches (Triton launches + torch ops that launch a CUDA kernel),
   host syncs and where they happen, and the host CPU time with the device work stubbed beside a bare timm
-  ``Mlp``'s (both in this run, one thread, alternating calls).
+  ``Mlp``'s, measured fairly: both in fp32 (the CPU's 16-bit GEMMs and conversions would pad the bare side), the
+  bare Mlp at small widths (its CPU compute negligible), the same gradient reset on both sides, no profiler
+  markers in the timed steps, this thread's CPU time, alternating calls, and the ratio's spread over
+  ``--host-rounds`` rounds.
 
-Three passes: (1) compile and record (every autotuned launch compiles all its configurations), (2) count under
-``torch.profiler`` and a sync detector (steady state: nothing is compiled or tuned), (3) host time. Compiled
+Three passes: (1) compile and record (every autotuned launch compiles all its surviving configurations, or with
+``--first-config`` the first), (2) count under ``torch.profiler`` and a sync detector (steady state: nothing is
+compiled or tuned), (3) host time (``--host-rounds 0`` skips it). Compiled
 variants and their ptxas/cuobjdump results stay in Triton's cache (``TRITON_CACHE_DIR``): a second run takes
 seconds. Values that the Triton kernels would compute are never computed (their outputs stay uninitialised).
 """
@@ -41,9 +48,9 @@ from bench.kernel_inspect import cubin, hooks, roofline, tables, torch_side
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TARGETS = {"sm_90": 90, "sm_80": 80}
+TARGETS = tuple(roofline.GPUS)  # sm_80 sm_86 sm_89 sm_90 sm_100 sm_120
 HOST_TOKENS_PER_IMAGE = 16  # host-time inputs: one image of 16 tokens per task, negligible CPU compute
-BARE_HOST_DIMS = (16, 64)  # the bare Mlp's host path does not depend on its width; its bf16 CPU GEMMs at 768 cost ms
+BARE_HOST_DIMS = (16, 64)  # the bare Mlp's host path does not depend on its width; its CPU GEMMs at 768 cost ms
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +61,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m bench.inspect_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=TARGETS, default="sm_90", help="GPU to compile for")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32: allow TF32 tensor cores (torch.set_float32_matmul_precision('high')), as a user can")
     p.add_argument("--placement", choices=PLACEMENTS, default="ffn")
     p.add_argument("--ffn", choices=FFN_PATHS, default="fused",
                    help="which ASE FFN implementation (placement ffn) to inspect: the fused Triton GEMMs, or the "
@@ -70,12 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=768, help="d")
     p.add_argument("--hidden", type=int, default=3072, help="FFN hidden width")
     p.add_argument("--first-config", action="store_true", help="compile only the first autotune configuration")
-    p.add_argument("--host-reps", type=int, default=50, help="timed calls per host-time measurement")
+    p.add_argument("--host-reps", type=int, default=50, help="timed calls per host-time round")
+    p.add_argument("--host-rounds", type=int, default=5,
+                   help="host-time rounds (the ratio's spread is over them); 0 skips the host-time pass")
     p.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     args = p.parse_args(argv)
-    for name in ("experts", "rank", "images", "tokens", "tasks", "dim", "hidden", "host_reps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("experts", "rank", "images", "tokens", "tasks", "dim", "hidden", "host_reps", "host_rounds"):
+        least = 0 if name == "host_rounds" else 1
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if args.images < args.tasks:
         p.error(f"--images ({args.images}) must be >= --tasks ({args.tasks}): every task needs an image")
     return args
@@ -87,18 +99,19 @@ def task_ids(images: int, tasks: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(tasks), torch.tensor(per_task))
 
 
-def build(args) -> torch.nn.Module:
+def build(args, dtype: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     module = ASEMlp(args.dim, args.hidden, num_experts=args.experts, top_k=args.top_k, num_shared=args.shared,
                     rank=args.rank, num_tasks=args.tasks, mode=args.mode, placement=args.placement,
-                    dtype=DTYPES[args.dtype])
+                    dtype=DTYPES[dtype or args.dtype])
     module.fc1.requires_grad_(False)
     module.fc2.requires_grad_(False)
     return module
 
 
-def make_step(module, x, ids, recorder=None, detector=None):
-    """One forward+backward with fresh gradients; phases marked for the recorder, the detector and the trace."""
+def make_step(module, x, ids, recorder=None, detector=None, markers=True):
+    """One forward+backward with fresh gradients; phases marked for the recorder, the detector and (markers) the
+    trace. Without markers, the step is a user's: what the host-time pass times."""
     grad = torch.randn(*x.shape[:-1], module.fc2.out_features, dtype=x.dtype)
 
     def mark(phase):
@@ -116,7 +129,12 @@ def make_step(module, x, ids, recorder=None, detector=None):
         with record_function("inspect::bwd"):
             y.backward(grad)
 
-    return step
+    def user_step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x, ids).backward(grad)
+
+    return step if markers else user_step
 
 
 @contextlib.contextmanager
@@ -141,8 +159,8 @@ def run_passes(args, module) -> dict:
     ids = task_ids(args.images, args.tasks)
     recorder = hooks.Recorder()
     detector = torch_side.SyncDetector(ROOT)
-    with hooks.gpu_code_path("ase_kernels", on_sync=detector.record), \
-            hooks.compile_only(recorder, TARGETS[args.target], args.first_config):
+    with hooks.gpu_code_path("ase_kernels", args.target, on_sync=detector.record), \
+            hooks.compile_only(recorder, args.target, args.first_config):
         recorder.recording = True  # pass 1: compile every variant, record every launch
         make_step(module, x, ids, recorder)()
         recorder.recording = False
@@ -155,48 +173,63 @@ def run_passes(args, module) -> dict:
             with detector:
                 step()
             counts = dict(recorder.counts)
-        small = torch.randn(args.tasks, HOST_TOKENS_PER_IMAGE, args.dim, dtype=x.dtype, requires_grad=True)
-        ase = make_step(module, small, task_ids(args.tasks, args.tasks))
-        bare = _bare_step(small.shape[:2], x.dtype)
-        # pass 3: host time; the bare Mlp runs inside the hooks too, which it never calls
-        host = torch_side.host_times_us(dict(ase=ase, bare=bare), args.host_reps)
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as bare_prof:
-            bare()  # its device ops, counted the same way (their number does not depend on its width)
+        host = _host_pass(args, module) if args.host_rounds else None
     phases = {"inspect::fwd": "fwd", "inspect::bwd": "bwd"}
     torch_ops = torch_side.device_ops(prof.events(), phases)
-    bare_ops = [o["op"] for o in torch_side.device_ops(bare_prof.events(), phases)]
-    return assemble(args, recorder, counts, torch_ops, detector.syncs,
-                    dict(tokens=small.shape[0] * small.shape[1], ase_us=host["ase"], bare_us=host["bare"],
-                         bare_ops=bare_ops,
-                         ratio=host["ase"]["median"] / host["bare"]["median"],
-                         ratio_min=host["ase"]["min"] / host["bare"]["min"], bare_dims=BARE_HOST_DIMS))
+    return assemble(args, recorder, counts, torch_ops, detector.syncs, host)
 
 
-def _bare_step(lead, dtype):
-    """A frozen timm Mlp's eager forward+backward at the host-time shapes (input gradient only)."""
+def _host_pass(args, module) -> dict:
+    """Pass 3: host time, both sides in fp32 (the same module in fp32: the host path does not depend on the dtype,
+    the CPU's 16-bit arithmetic does); the bare Mlp runs inside the hooks too, which it never calls."""
+    host_module = module if args.dtype == "fp32" else build(args, "fp32")
+    small = torch.randn(args.tasks, HOST_TOKENS_PER_IMAGE, args.dim, requires_grad=True)
+    ase = make_step(host_module, small, task_ids(args.tasks, args.tasks), markers=False)
+    bare = _bare_step(small.shape[:2])
+    rounds = [torch_side.host_times_us(dict(ase=ase, bare=bare), args.host_reps) for _ in range(args.host_rounds)]
+    bare_marked = _bare_step(small.shape[:2], markers=True)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as bare_prof:
+        bare_marked()  # its device ops, counted the same way (their number does not depend on its width)
+    bare_ops = [o["op"] for o in torch_side.device_ops(bare_prof.events(), {"inspect::fwd": "fwd",
+                                                                              "inspect::bwd": "bwd"})]
+    return dict(tokens=small.shape[0] * small.shape[1], bare_ops=bare_ops, bare_dims=BARE_HOST_DIMS, dtype="fp32",
+                **torch_side.host_ratio(rounds))
+
+
+def _bare_step(lead, markers=False):
+    """A frozen fp32 timm Mlp's eager forward+backward at the host-time shapes (input gradient only), with the
+    ASE step's gradient reset; markers: phases marked for the trace (counting its ops, never timed)."""
     from timm.layers import Mlp
 
-    mlp = Mlp(*BARE_HOST_DIMS).to(dtype).requires_grad_(False)
-    x = torch.randn(*lead, BARE_HOST_DIMS[0], dtype=dtype, requires_grad=True)
+    mlp = Mlp(*BARE_HOST_DIMS).requires_grad_(False)
+    x = torch.randn(*lead, BARE_HOST_DIMS[0], requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
+        mlp.zero_grad(set_to_none=True)
         x.grad = None
         with record_function("inspect::fwd"):
             y = mlp(x)
         with record_function("inspect::bwd"):
             y.backward(grad)
 
-    return step
+    def user_step():
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        mlp(x).backward(grad)
+
+    return step if markers else user_step
 
 
 def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
     """Everything as one JSON-ready dictionary (what --json writes and the tables print)."""
+    gpu = roofline.GPUS[args.target]
+    peak = roofline.peak_flops(gpu, args.dtype, args.tf32)
     variants, ids = [], {}
     for h, v in recorder.variants.items():
         facts = cubin.analyse(v.compiled)
         meta = v.compiled.metadata
-        progs, limit = roofline.programs_per_sm(facts["regs"], meta.num_warps, facts["smem"])
+        progs, limit = roofline.programs_per_sm(facts["regs"], meta.num_warps, facts["smem"], gpu)
         ids[h] = len(variants) + 1
         variants.append(dict(id=ids[h], hash=h, kernel=v.kernel, role=roofline.role(v.kernel, v.constexprs),
                              config="", tile=roofline.tile(v.constexprs), num_warps=meta.num_warps,
@@ -207,7 +240,7 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
         first = variants[ids[launch.configs[0][0]] - 1]
         n_flops = roofline.flops(launch.kernel, {**first["constexprs"], **launch.scalars})
         n_bytes = roofline.min_bytes(launch.tensors)
-        floor, bound = roofline.floor_us(n_flops, n_bytes)
+        floor, bound = roofline.floor_us(n_flops, n_bytes, gpu, peak)
         configs = []
         for i, (h, grid) in enumerate(launch.configs):
             v = variants[ids[h] - 1]
@@ -215,12 +248,12 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
                 v["config"] = str(i)
             programs = grid[0] * grid[1] * grid[2]
             configs.append(dict(variant=ids[h], grid=list(grid), programs=programs,
-                                waves=programs / (roofline.H100["sms"] * max(v["programs_per_sm"], 1))))
+                                waves=programs / (gpu["sms"] * max(v["programs_per_sm"], 1))))
         launches.append(dict(**asdict(launch) | dict(configs=configs), flops=n_flops, bytes=n_bytes,
                              floor_us=floor, bound=bound,
                              role=roofline.role(launch.kernel, first["constexprs"], launch.scalars)))
     for op in torch_ops:
-        op["floor_us"] = op["bytes"] / roofline.H100["hbm"] * 1e6
+        op["floor_us"] = op["bytes"] / gpu["hbm"] * 1e6
 
     def by_phase(values):
         return dict(fwd=sum(v for p, v in values if p == "fwd"), bwd=sum(v for p, v in values if p == "bwd"),
@@ -233,6 +266,11 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
                    triton_floor_us=by_phase([(la["phase"], la["floor_us"]) for la in launches]),
                    torch_floor_us=by_phase([(o["phase"], o["floor_us"]) for o in torch_ops]),
                    spilling_variants=sum(1 for v in variants if v["spill_store"] or v["spill_load"]),
+                   max_smem=max((v["smem"] for v in variants), default=0),
+                   min_programs_per_sm=min((v["programs_per_sm"] for v in variants), default=0),
+                   two_per_sm_launches=sum(1 for la in launches
+                                           if any(variants[c["variant"] - 1]["programs_per_sm"] >= 2
+                                                  for c in la["configs"])),
                    recorded_launches=len(launches))
     workload = dict(module=f"ASEMlp({args.dim}, {args.hidden}, num_experts={args.experts}, top_k={args.top_k}, "
                            f"num_shared={args.shared}, rank={args.rank}, num_tasks={args.tasks}, mode={args.mode!r}, "
@@ -240,9 +278,11 @@ def assemble(args, recorder, counts, torch_ops, syncs, host) -> dict:
                     dtype=args.dtype, x_shape=[args.images, args.tokens, args.dim],
                     images_per_task=task_ids(args.images, args.tasks).bincount().tolist())
     workload["ffn_path"] = args.ffn
+    workload["fp32_precision"] = ("tf32" if args.tf32 else "ieee") if args.dtype == "fp32" else None
     return dict(command=" ".join(["python -m bench.inspect_kernels", *sys.argv[1:]]), target=args.target,
+                ptxas_arch=cubin.compilable(hooks.arch(args.target))[1], peak_flops=peak,
                 versions=dict(torch=torch.__version__, triton=triton.__version__), workload=workload,
-                gpu=roofline.H100, summary=summary, variants=variants, launches=launches, torch_ops=torch_ops,
+                gpu=gpu, summary=summary, variants=variants, launches=launches, torch_ops=torch_ops,
                 syncs=syncs, host=host)
 
 
@@ -253,6 +293,12 @@ def main(argv=None) -> int:
     if os.environ.get("ASE_KERNELS_BACKEND", "triton").strip().lower() not in ("", "triton"):
         sys.exit("inspect_kernels: error: unset ASE_KERNELS_BACKEND: it would route the ops past the Triton kernels")
     os.environ["ASE_KERNELS_FFN"] = args.ffn  # a GPU measures both paths once per shape: here there is no GPU
+    ok, name = cubin.compilable(hooks.arch(args.target))
+    if not ok:
+        sys.exit(f"inspect_kernels: error: --target {args.target}: Triton {triton.__version__}'s bundled ptxas "
+                 f"cannot compile for {name}; nothing was compiled")
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     try:
         module = build(args)
     except (ValueError, TypeError) as e:  # the module's own argument checks (e.g. top_k + shared > experts)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dim", "64", "--hidden", "256", "--images", "5", "--tokens", "16", "--tasks", "5", "--experts", "8",
-         "--top-k", "2", "--shared", "1", "--rank", "2", "--first-config", "--host-reps", "3"]
+         "--top-k", "2", "--shared", "1", "--rank", "2", "--first-config", "--host-reps", "3", "--host-rounds", "2"]
 
 
 def _run(*args, timeout=240, **env_vars):
@@ -102,6 +102,31 @@ def test_programs_per_sm(regs, warps, smem, want, monkeypatch):
     from bench.kernel_inspect import roofline
 
     assert roofline.programs_per_sm(regs, warps, smem) == want
+
+
+# the same variant on other targets: sm_86 has 100 KB of shared memory and 1,536 threads per SM, sm_80 164 KB
+@pytest.mark.parametrize("target,regs,warps,smem,want", [
+    pytest.param("sm_86", 128, 4, 49152, (2, "smem"), id="sm_86-48KB"),
+    pytest.param("sm_86", 32, 4, 0, (12, "threads"), id="sm_86-threads"),
+    pytest.param("sm_86", 64, 4, 102400, (0, "smem"), id="sm_86-over-block-limit"),
+    pytest.param("sm_80", 128, 4, 49152, (3, "smem"), id="sm_80-48KB"),
+    pytest.param("sm_120", 200, 8, 16384, (1, "regs"), id="sm_120-200regs-8warps"),
+])
+def test_programs_per_sm_per_target(target, regs, warps, smem, want, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    from bench.kernel_inspect import roofline
+
+    assert roofline.programs_per_sm(regs, warps, smem, roofline.GPUS[target]) == want
+
+
+def test_every_target_compiles_with_the_bundled_ptxas(monkeypatch):
+    """Triton's own ptxas accepts every target the tool offers, under the name Triton gives it (sm_90a, ...)."""
+    monkeypatch.syspath_prepend(ROOT)
+    from bench.kernel_inspect import cubin, hooks, roofline
+
+    names = {t: cubin.compilable(hooks.arch(t)) for t in roofline.GPUS}
+    assert set(names) == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"}
+    assert all(ok for ok, _ in names.values()), names
 
 
 def test_sync_detector_sees_read_backs_only(monkeypatch):

@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot_precision, interpreting, launch_config, next_block, token_splits
+from .common import (
+    cdiv,
+    dot_precision,
+    interpreting,
+    launch_config,
+    next_block,
+    smem_per_block,
+    tile_smem,
+    token_splits,
+)
 
 
 @triton.jit
@@ -139,22 +148,49 @@ def _gelu_grad(a):
     return 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
 
 
+def _config(block_t, block_o, block_k, warps, stages):
+    return triton.Config(dict(BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k), num_warps=warps, num_stages=stages)
+
+
+# Keyed on (D_OUT, K, R), the model dims, never on the token count; one list per operand width, each pruned per GPU
+# by _prune_expand_configs. No configuration may spill registers on any target (tests/test_targets.py holds this).
+# 16-bit: 128x256x64 with 8 warps and 128x128x32 with 4 warps were dropped: their GELU epilogues spill 180-1,224
+# bytes per thread on sm_90. 64x128x64 in 3 stages (48-72 KB) fits two programs in an SM of the 99 KB parts.
+_EXPAND_16 = [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4),
+              _config(64, 128, 64, 4, 3)]
+# fp32: IEEE dots run on the CUDA cores with both operand tiles in registers (TF32 ones on the tensor cores): K
+# steps of 32, an expert K step of 16 (_expand) and, for 64x64, 2 stages keep every variant free of spills (in 3
+# stages ptxas 13's sm_120 build spills 4 bytes); 16-56 KB of shared memory, so the 64x64 tile fits two or more
+# programs per SM on every target.
+_EXPAND_32 = [_config(64, 64, 32, 4, 2), _config(128, 64, 32, 8, 3)]
+_EXPAND_CONFIGS = _EXPAND_16 + _EXPAND_32
+
+
+def _prune_expand_configs(configs, named_args, **kwargs):
+    """The configurations of this launch's operand width that fit the GPU's shared memory per program (so no launch
+    meets OutOfResources), before anything is compiled; the first one only under ASE_KERNELS_AUTOTUNE=0."""
+    wide = named_args["v_ptr"].dtype == torch.float32
+    itemsize = 4 if wide else 2
+    limit = smem_per_block(None)
+    # the base loop and the experts' loop run one after the other and share their buffers: the wider K step counts
+    block_r = kwargs["BLOCK_R"] if named_args["R"] > 0 else 0
+    mine = [c for c in configs if any(c is w for w in (_EXPAND_32 if wide else _EXPAND_16))]
+    fits = [c for c in mine if tile_smem(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_O"], max(c.kwargs["BLOCK_K"], block_r),
+                                         c.num_stages, itemsize) <= limit]
+    if not fits:
+        raise ValueError(f"no _expand_kernel configuration fits {limit} bytes of shared memory per program")
+    return fits[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else fits
+
+
 def _expand_configs():
-    # Keyed on (D_OUT, K, R), the model dims, never on the token count. ASE_KERNELS_AUTOTUNE=0 pins the first.
-    if interpreting():
+    if interpreting():  # one numpy program per block: one large block keeps the tests fast
         return [triton.Config(dict(BLOCK_T=32, BLOCK_O=64, BLOCK_K=64), num_warps=1, num_stages=1)]
-    # No configuration may spill registers (tests/test_kernels_compile.py holds this for sm_90). 128x256x64 with
-    # 8 warps and 128x128x32 with 4 warps were dropped: their GELU epilogues spill 180-1,224 bytes per thread.
-    configs = [
-        triton.Config(dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=64), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_T=64, BLOCK_O=128, BLOCK_K=64), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_T=128, BLOCK_O=64, BLOCK_K=64), num_warps=4, num_stages=4),
-    ]
-    return configs[:1] if os.environ.get("ASE_KERNELS_AUTOTUNE", "1") == "0" else configs
+    return _EXPAND_CONFIGS
 
 
 # restore_value: with ACCUMULATE the kernel reads out, so tuning runs must each start from its old value
-@triton.autotune(configs=_expand_configs(), key=["D_OUT", "K", "R", "HAS_BASE"], restore_value=["out_ptr"])
+@triton.autotune(configs=_expand_configs(), key=["D_OUT", "K", "R", "HAS_BASE"], restore_value=["out_ptr"],
+                 prune_configs_by=dict(early_config_prune=_prune_expand_configs))
 @triton.jit
 def _expand_kernel(
     # pointers
@@ -368,6 +404,7 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
         *l0.stride(), *r0.stride(), *l1.stride(), *r1.stride(), ids.stride(0),
         TASKS=tasks, TWO=two, PRECISION=dot_precision(right),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     o0, o1 = outs[0], outs[-1]
     if two:  # lora_A (N, r, K0): (n, r, k); lora_B (N, K1, r): (n, r, k) = strides 0, 2, 1
@@ -381,6 +418,7 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
         splits, c, k0, k1, k_part,
         *s0, *s1,
         RANK=rank if two else 1, TWO=two, BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return outs
 
@@ -399,7 +437,7 @@ def _shrink(inp, bank, gating, backward=None):
         raise ValueError(f"lora_A: N * r = {r_cols} rank columns is more than the kernels' {_MAX_RANK_COLUMNS}")
     idx, gates, scale = gating
     ks = idx.shape[1]
-    cfg = launch_config("shrink", inp)
+    cfg = launch_config("shrink" if backward is None else "shrink_bwd", inp)
     out = torch.empty(t, r_cols, dtype=torch.float32 if backward is None else inp.dtype, device=inp.device)
     ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
     u = out if backward is None else backward
@@ -413,6 +451,7 @@ def _shrink(inp, bank, gating, backward=None):
         RANK=rank, KS=ks, BACKWARD=backward is not None, PACKED=_packed(bank, next_block(r_cols)),
         PRECISION=dot_precision(inp),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return (out, ug) if backward is None else (out, ug, d_gates)
 
@@ -425,21 +464,34 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
     r_cols = v.shape[1]
     p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
     k = p.shape[1] if base is not None else 0
-    block_r = min(64, next_block(r_cols))
+    # the experts' K step: 64 rank columns (N * r in every DESIGN.md configuration) in one step for 16-bit operands;
+    # 16 for fp32, whose lora_B tile spills at 32 and 64 (4-8 bytes on sm_86/sm_90, tests/test_targets.py)
+    block_r = min(16 if v.dtype == torch.float32 else 64, next_block(r_cols))
 
-    def grid(meta):
-        return (cdiv(t, meta["BLOCK_T"]) * cdiv(o, meta["BLOCK_O"]),)
-
-    _expand_kernel[grid](
-        p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
-        t, o, k, r_cols,
-        *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride(),
-        RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
-        PACKED=_packed(bank, block_r), ACCUMULATE=accumulate, ACTIVATION=_ACTIVATIONS[act],
-        PRECISION=dot_precision(out),
-        BLOCK_R=block_r, GROUP_T=8,
-    )
+    precision = dot_precision(out)
+    args = (p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
+            t, o, k, r_cols,
+            *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride())
+    meta = dict(RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
+                # fp32 reads lora_B with strided loads: the packed tile's reshuffle spills at fp32 width
+                PACKED=_packed(bank, block_r) and v.dtype != torch.float32, ACCUMULATE=accumulate,
+                ACTIVATION=_ACTIVATIONS[act], PRECISION=precision, BLOCK_R=block_r, GROUP_T=8)
+    # the autotuner's choice, looked up once per shape of the model dims: later calls launch the chosen
+    # configuration directly, without the autotuner's per-call key building (host time)
+    key = (o, k, r_cols, base is not None, bias is not None, act, accumulate, p.dtype, q.dtype, v.dtype, bank.dtype,
+           out.dtype, precision, out.device)
+    config = _expand_choice.get(key)
+    if config is None:
+        _expand_kernel[lambda m: (cdiv(t, m["BLOCK_T"]) * cdiv(o, m["BLOCK_O"]),)](*args, **meta)
+        # None where the kernel is a stand-in that tunes nothing (tests/test_launches.py): it keeps this path
+        _expand_choice[key] = getattr(_expand_kernel, "best_config", None)
+    else:
+        c = config.kwargs
+        _expand_kernel.fn[(cdiv(t, c["BLOCK_T"]) * cdiv(o, c["BLOCK_O"]),)](*args, **meta, **config.all_kwargs())
     return out
+
+
+_expand_choice: dict[tuple, triton.Config] = {}  # see _expand
 
 
 def _packed(bank: torch.Tensor, block_r: int) -> bool:

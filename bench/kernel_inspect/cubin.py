@@ -3,16 +3,17 @@
 - registers: ``cuobjdump -res-usage`` of Triton's own cubin (REG); static shared memory (SHARED) is added to
   Triton's dynamic ``metadata.shared``;
 - spill stores / loads (bytes per thread): ``ptxas -v`` re-run on the variant's PTX with the flags Triton's
-  ``make_cubin`` uses (``-lineinfo -v --regAllocOptLevel=2 --gpu-name=sm_XX[a]``, plus ``--fmad=false`` and
-  ``ptx_options`` when set), because Triton deletes its ptxas log;
-- SASS (``cuobjdump -sass``): counts of HGMMA (wgmma), HMMA (mma.sync), UTMALDG (TMA loads), LDL/STL (local
-  memory), and whether an HGMMA sits inside a loop (an address range closed by a backward BRA): the main loop
-  runs on wgmma.
+  ``make_cubin`` uses (the ptxas it picks for the arch, ``-lineinfo -v --regAllocOptLevel=2 --gpu-name=sm_XX[a]``,
+  plus ``--fmad=false`` and ``ptx_options`` when set), because Triton deletes its ptxas log;
+- SASS (``cuobjdump -sass``): counts of HGMMA (wgmma), HMMA (mma.sync), UTC*MMA (tcgen05 on sm_100), UTMALDG
+  (TMA loads), LDL/STL (local memory), and whether an MMA sits inside a loop (an address range closed by a
+  backward BRA): the main loop runs on the tensor cores.
 
 The result is stored as JSON beside the cubin in Triton's cache (one file per kernel hash), so a second run
 reads it instead of running ptxas and cuobjdump again. Triton internals: ``triton.runtime.cache
-.get_cache_manager(hash)`` (the kernel's cache directory), ``triton.knobs.nvidia.ptxas / .cuobjdump`` (the
-bundled tools), ``triton.backends.nvidia.compiler.sm_arch_from_capability``.
+.get_cache_manager(hash)`` (the kernel's cache directory), ``triton.knobs.nvidia.cuobjdump`` (the bundled tool),
+``triton.backends.nvidia.compiler.get_ptxas`` (``ptxas``, or ``ptxas-blackwell`` from sm_100 on) and
+``.sm_arch_from_capability``.
 """
 
 import json
@@ -22,13 +23,26 @@ import subprocess
 import tempfile
 
 from triton import knobs
-from triton.backends.nvidia.compiler import sm_arch_from_capability
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.cache import get_cache_manager
 
-_VERSION = 1  # bump when the parsing below changes: the cached files are named after it
+_VERSION = 2  # bump when the parsing below changes: the cached files are named after it
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def ptxas_targets(arch: int) -> set[str]:
+    """The GPU names (``sm_90a``, ``sm_120a``, ...) that the ptxas Triton bundles for capability arch accepts (a
+    newer one, ``ptxas-blackwell``, from sm_100 on), from its ``--help``."""
+    help_text = _run(get_ptxas(arch).path, "--help")
+    return set(re.findall(r"'(sm_[0-9]+[a-z]?)'", help_text))
+
+
+def compilable(arch: int) -> tuple[bool, str]:
+    """(whether Triton's bundled ptxas can compile for capability arch, the GPU name Triton passes it)."""
+    name = sm_arch_from_capability(arch)
+    return name in ptxas_targets(arch), name
 
 
 def analyse(kernel) -> dict:
@@ -65,7 +79,7 @@ def _ptxas(kernel, tmp: str) -> dict:
     ptx = os.path.join(tmp, "k.ptx")
     with open(ptx, "w") as f:
         f.write(kernel.asm["ptx"])
-    cmd = [knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+    cmd = [get_ptxas(opt.target.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
            f"--gpu-name={sm_arch_from_capability(opt.target.arch)}", ptx, "-o", os.path.join(tmp, "re.cubin")]
     if not opt.enable_fp_fusion:
         cmd.insert(2, "--fmad=false")
@@ -88,10 +102,11 @@ def _sass(cubin: str) -> dict:
         if op.startswith("BRA") and target and int(target.group(1), 16) <= addr:
             loops.append((int(target.group(1), 16), addr))
 
-    def count(prefix, in_loop=False):
-        return sum(1 for addr, op, _ in ops if op.startswith(prefix)
+    def count(prefix, in_loop=False, mma=False):
+        return sum(1 for addr, op, _ in ops if op.startswith(prefix) and (not mma or "MMA" in op)
                    and (not in_loop or any(a <= addr <= b for a, b in loops)))
 
     return {"hgmma": count("HGMMA"), "hgmma_in_loop": count("HGMMA", True), "hmma": count("HMMA"),
-            "hmma_in_loop": count("HMMA", True), "utmaldg": count("UTMALDG"), "ldl": count("LDL"),
+            "hmma_in_loop": count("HMMA", True), "utcmma": count("UTC", mma=True),
+            "utcmma_in_loop": count("UTC", True, mma=True), "utmaldg": count("UTMALDG"), "ldl": count("LDL"),
             "stl": count("STL"), "instructions": len(ops)}

@@ -5,16 +5,21 @@ binds and specialises the real arguments (dtypes, 16-byte alignment, integers eq
 CUDA launch would; the wrapped ``run`` always passes ``warmup=True``: compile (or hit Triton's cache), never load
 or launch. The wrapped ``Autotuner.run`` forgets its tuned keys while recording, so that every launch of an
 autotuned kernel compiles every configuration: its benchmarker is a stand-in that calls each configuration once
-and reports equal times, which keeps the first configuration for the launch itself.
+and reports equal times, which keeps the first configuration for the launch itself; with ``--first-config`` only
+that first one compiles.
 
 The package's own code is steered onto its GPU branch while its tensors stay on the CPU: inside modules of the
 package (and only there) ``Tensor.is_cuda`` answers True, and the few CUDA runtime queries a launcher makes
-answer as an H100 would (132 SMs, no stream capture). Torch, timm and Triton see the truth.
+answer as the target's GPU would (``roofline.GPUS``: its SMs and shared memory, no stream capture), and so does the
+stand-in driver that Triton's autotuners ask for the shared-memory limit when they prune configurations. Torch,
+timm and Triton see the truth.
 
 Triton internals relied on (triton 3.8.0): ``triton.runtime.driver.driver.set_active / ._active``,
 ``JITFunction.run(*args, grid, warmup, **kwargs)`` returning the ``CompiledKernel``, ``JITFunction.device_caches``
 (per-device binder, target and kernel cache; cleared when the target changes), ``JITFunction.params[i].is_constexpr``,
-``Autotuner.run / .cache / .configs / .do_bench / .cache_results`` and ``CompiledKernel.hash / .metadata / .asm``.
+``Autotuner.run / .cache / .do_bench / .cache_results`` (``run`` benchmarks the configurations that
+``prune_configs`` keeps, in order, and keeps the fastest: the first of equal times) and
+``CompiledKernel.hash / .metadata / .asm``.
 """
 
 import contextlib
@@ -28,23 +33,34 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from .roofline import H100
+from .roofline import GPUS
 
-H100_PROPERTIES = types.SimpleNamespace(
-    name="NVIDIA H100 (stand-in)", major=9, minor=0, multi_processor_count=H100["sms"], total_memory=80 * 2**30,
-    warp_size=32, max_threads_per_multi_processor=H100["threads_per_sm"], regs_per_multiprocessor=H100["regs_per_sm"],
-    shared_memory_per_multiprocessor=H100["smem_per_sm"], shared_memory_per_block_optin=H100["smem_per_block"],
-    L2_cache_size=50 * 2**20)
+
+def arch(target: str) -> int:
+    """'sm_90' -> 90."""
+    return int(target.removeprefix("sm_"))
+
+
+def torch_properties(target: str) -> types.SimpleNamespace:
+    """What torch.cuda.get_device_properties would answer on the target's GPU (the fields the package reads)."""
+    gpu = GPUS[target]
+    return types.SimpleNamespace(
+        name=f"NVIDIA {gpu['gpu']} (stand-in)", major=arch(target) // 10, minor=arch(target) % 10,
+        multi_processor_count=gpu["sms"], total_memory=80 * 2**30, warp_size=32,
+        max_threads_per_multi_processor=gpu["threads_per_sm"], regs_per_multiprocessor=gpu["regs_per_sm"],
+        shared_memory_per_multiprocessor=gpu["smem_per_sm"], shared_memory_per_block_optin=gpu["smem_per_block"],
+        L2_cache_size=50 * 2**20)
 
 
 class _Driver:
-    """What JITFunction.run (and a launcher sizing a persistent grid) asks the active driver for, answered for
-    a GPU that is not there."""
+    """What JITFunction.run, an autotuner's configuration pruning and a launcher sizing a persistent grid ask the
+    active driver for, answered for the target's GPU, which is not there."""
 
-    def __init__(self, target: GPUTarget):
-        self.target = target
-        props = dict(multiprocessor_count=H100["sms"], max_shared_mem=H100["smem_per_block"],
-                     max_num_regs=H100["regs_per_sm"], warpSize=32)
+    def __init__(self, target: str):
+        self.target = GPUTarget("cuda", arch(target), 32)
+        gpu = GPUS[target]
+        props = dict(multiprocessor_count=gpu["sms"], max_shared_mem=gpu["smem_per_block"],
+                     max_num_regs=gpu["regs_per_sm"], warpSize=32)
         self.utils = types.SimpleNamespace(get_device_properties=lambda device=0: dict(props))
 
     def get_current_target(self):
@@ -88,6 +104,7 @@ class Recorder:
         self.phase = "?"
         self.recording = False  # full records (pass 1); otherwise only the counts
         self._benchmarking = False
+        self._first_only, self._benchmarked = False, 0
         self._pending: list = []
 
     def compiled(self, fn: JITFunction, kernel, args, kwargs, grid):
@@ -111,8 +128,17 @@ class Recorder:
         self.launches.append(Launch(fn.__name__, self.phase, scalars, tensors, self._pending or [entry]))
         self._pending = []
 
+    def tuning(self, first_only: bool):
+        """An autotuner starts (it may or may not need to benchmark); first_only: compile only the first
+        configuration it benchmarks (the first that survives its pruning)."""
+        self._first_only, self._benchmarked = first_only, 0
+
     def benchmark(self, kernel_call, quantiles=None, **_):
-        """The autotuner's benchmarker: one call per configuration (a compile), equal times for all."""
+        """The autotuner's benchmarker: one call per configuration (a compile), equal times for all, which keeps
+        the first; with first_only the others are not compiled and report an infinite time."""
+        self._benchmarked += 1
+        if self._first_only and self._benchmarked > 1:
+            return [float("inf")] * 3 if quantiles else float("inf")
         self._benchmarking = True
         try:
             kernel_call()
@@ -127,12 +153,12 @@ def _plain(v):
 
 
 @contextlib.contextmanager
-def compile_only(recorder: Recorder, arch: int, first_config: bool = False):
-    """While active, Triton launches compile for sm_<arch> and are recorded instead of run. first_config:
-    autotuned kernels compile their first configuration only."""
+def compile_only(recorder: Recorder, target: str, first_config: bool = False):
+    """While active, Triton launches compile for the target ('sm_90') and are recorded instead of run.
+    first_config: autotuned kernels compile only the first configuration that survives their pruning there."""
     jit_run, tune_run = JITFunction.run, Autotuner.run
-
-    target = GPUTarget("cuda", arch, 32)
+    stand_in = _Driver(target)
+    target = stand_in.target
 
     def run(self, *args, grid, warmup, **kwargs):
         bound = self.device_caches.get(0)
@@ -144,20 +170,16 @@ def compile_only(recorder: Recorder, arch: int, first_config: bool = False):
         return kernel
 
     def tune(self, *args, **kwargs):
-        self.__dict__["do_bench"] = recorder.benchmark  # also overrides a do_bench given to @autotune
-        self.cache_results = False  # Triton's on-disk tuning cache would hold the stand-in's equal times
-        configs = self.configs
+        if "do_bench" not in self.__dict__:
+            self.__dict__["do_bench"] = recorder.benchmark  # also overrides a do_bench given to @autotune
+            self.cache_results = False  # Triton's on-disk tuning cache would hold the stand-in's equal times
         if recorder.recording:
-            self.cache.clear()
-        if first_config:
-            self.configs = configs[:1]
-        try:
-            return tune_run(self, *args, **kwargs)
-        finally:
-            self.configs = configs
+            self.cache.clear()  # every recorded launch tunes again: all its configurations compile
+        recorder.tuning(first_config)
+        return tune_run(self, *args, **kwargs)
 
     previous = driver._active  # reset_active() would build the default driver, which needs a GPU
-    driver.set_active(_Driver(target))
+    driver.set_active(stand_in)
     JITFunction.run, Autotuner.run = run, tune
     try:
         yield recorder
@@ -167,10 +189,11 @@ def compile_only(recorder: Recorder, arch: int, first_config: bool = False):
 
 
 @contextlib.contextmanager
-def gpu_code_path(package: str, on_sync=None):
-    """Code of `package` sees CUDA tensors and an H100; everything else sees the CPU tensors they are.
+def gpu_code_path(package: str, target: str = "sm_90", on_sync=None):
+    """Code of `package` sees CUDA tensors and the target's GPU; everything else sees the CPU tensors they are.
     on_sync(what) is called for torch.cuda.synchronize (a host sync on a GPU)."""
     real = torch._C.TensorBase.is_cuda
+    props = torch_properties(target)
 
     def is_cuda(self):
         caller = sys._getframe(1).f_globals.get("__name__", "")
@@ -181,8 +204,9 @@ def gpu_code_path(package: str, on_sync=None):
             on_sync("torch.cuda.synchronize")
 
     patches = [(torch.Tensor, "is_cuda", property(is_cuda)),
-               (torch.cuda, "get_device_properties", lambda device=None: H100_PROPERTIES),
-               (torch.cuda, "get_device_name", lambda device=None: H100_PROPERTIES.name),
+               (torch.cuda, "get_device_properties", lambda device=None: props),
+               (torch.cuda, "get_device_name", lambda device=None: props.name),
+               (torch.cuda, "get_device_capability", lambda device=None: (props.major, props.minor)),
                (torch.cuda, "current_device", lambda: 0),
                (torch.cuda, "is_current_stream_capturing", lambda: False),
                (torch.cuda, "synchronize", synchronize)]

@@ -18,8 +18,9 @@ def _grid(config: dict) -> str:
 
 
 def _mma(v: dict) -> str:
-    """wgmma (HGMMA) or mma.sync (HMMA), and whether it runs inside a loop (the main loop)."""
-    for kind, count, in_loop in (("wgmma", v["hgmma"], v["hgmma_in_loop"]), ("mma.sync", v["hmma"], v["hmma_in_loop"])):
+    """wgmma (HGMMA), mma.sync (HMMA) or tcgen05 (UTC*MMA), and whether it runs inside a loop (the main loop)."""
+    for kind, count, in_loop in (("wgmma", v["hgmma"], v["hgmma_in_loop"]), ("mma.sync", v["hmma"], v["hmma_in_loop"]),
+                                 ("tcgen05", v["utcmma"], v["utcmma_in_loop"])):
         if count:
             return f"{kind}, {'in loop' if in_loop else 'not in a loop'}"
     return "none"
@@ -27,25 +28,35 @@ def _mma(v: dict) -> str:
 
 def markdown(report: dict) -> str:
     s, w = report["summary"], report["workload"]
-    out = [f"# Kernel inspection: {w['module']}, {w['dtype']}, x {tuple(w['x_shape'])}, target {report['target']}",
+    dtype = w["dtype"] + (f" ({w['fp32_precision']} dots)" if w.get("fp32_precision") else "")
+    g = report["gpu"]
+    out = [f"# Kernel inspection: {w['module']}, {dtype}, x {tuple(w['x_shape'])}, target {report['target']}",
            "", f"`{report['command']}` (torch {report['versions']['torch']}, triton {report['versions']['triton']}; "
-           "compiled, not run; occupancy and floors for an H100 SXM)", ""]
+           f"compiled for {report['ptxas_arch']}, not run; occupancy and floors for an {g['gpu']}: {g['sms']} SMs, "
+           f"{report['peak_flops'] / 1e12:.0f} TFLOP/s, {g['hbm'] / 1e12:.2f} TB/s, "
+           f"{g['smem_per_sm'] // 1024} KB shared memory per SM, {g['smem_per_block'] // 1024} KB per block)", ""]
     h = report["host"]
+    host_rows = [] if h is None else [
+        ["bare timm Mlp device launches", "", "", f"{len(h['bare_ops'])} ({', '.join(h['bare_ops'])})"],
+        [f"host CPU µs per fwd+bwd, device work stubbed ({h['dtype']} both sides, {h['tokens']} tokens; bare Mlp "
+         f"{h['bare_dims'][0]}->{h['bare_dims'][1]}): ASE / bare timm Mlp", "", "",
+         f"{h['ase_us']['median']:.0f} / {h['bare_us']['median']:.0f}: **{h['ratio']:.2f}x** (median of "
+         f"{h['rounds']} rounds; {h['ratio_low']:.2f}-{h['ratio_high']:.2f}x)"],
+    ]
     out += [_table(["measure", "fwd", "bwd", "total"], [
         ["Triton launches", s["triton"]["fwd"], s["triton"]["bwd"], s["triton"]["total"]],
         ["torch device ops", s["torch_ops"]["fwd"], s["torch_ops"]["bwd"], s["torch_ops"]["total"]],
         ["**device launches**", "", "", f"**{s['launches']}**"],
-        ["bare timm Mlp device launches", "", "", f"{len(h['bare_ops'])} ({', '.join(h['bare_ops'])})"],
         ["host syncs", s["syncs"]["fwd"], s["syncs"]["bwd"], f"**{s['syncs']['total']}**"],
         ["Triton floors µs", f"{s['triton_floor_us']['fwd']:.1f}", f"{s['triton_floor_us']['bwd']:.1f}",
          f"{s['triton_floor_us']['total']:.1f}"],
         ["torch-op floors µs (inputs only)", f"{s['torch_floor_us']['fwd']:.1f}", f"{s['torch_floor_us']['bwd']:.1f}",
          f"{s['torch_floor_us']['total']:.1f}"],
         ["spilling variants", "", "", f"{s['spilling_variants']} of {len(report['variants'])}"],
-        [f"host CPU µs per fwd+bwd, device work stubbed ({h['tokens']} tokens; bare Mlp "
-         f"{h['bare_dims'][0]}->{h['bare_dims'][1]}): ASE / bare timm Mlp", "", "",
-         f"median {h['ase_us']['median']:.0f} / {h['bare_us']['median']:.0f} = **{h['ratio']:.2f}x**; "
-         f"min {h['ase_us']['min']:.0f} / {h['bare_us']['min']:.0f} = **{h['ratio_min']:.2f}x**"],
+        ["max shared memory B (block limit)", "", "", f"{s['max_smem']} ({g['smem_per_block']})"],
+        ["launches with a variant of >= 2 programs per SM", "", "",
+         f"{s['two_per_sm_launches']} of {len(report['launches'])}"],
+        *host_rows,
     ]), ""]
 
     out += ["## Compiled variants", "", _table(

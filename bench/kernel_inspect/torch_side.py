@@ -15,10 +15,10 @@ GPU: ``item``, ``tolist``, ``bool``/``int``/``float``/``index`` of a tensor, ``c
 is listed with the first caller outside torch. Not seen: a read-back inside a C++ op, and ``.to(device)``, which
 cannot tell a copy to the host from a no-op while every tensor is on the CPU.
 
-Host time: the CPU time of fwd+bwd (one thread) with the device work stubbed: Triton launches are compiled-only
-(argument binding, cache lookup and the launchers' Python run; the driver's own launch, a few microseconds per
-kernel on a GPU host, does not), and torch ops run on CPU tensors small enough that their CPU compute is
-negligible next to their dispatch.
+Host time: the CPU time of fwd+bwd (one thread, fp32, no profiler markers) with the device work stubbed: Triton
+launches are compiled-only (argument binding, cache lookup and the launchers' Python run; the driver's own
+launch, a few microseconds per kernel on a GPU host, does not), and torch ops run on CPU tensors small enough that
+their CPU compute is negligible next to their dispatch.
 """
 
 import functools
@@ -135,3 +135,14 @@ def host_times_us(steps: dict, reps: int) -> dict:
     finally:
         gc.enable()
     return {name: dict(median=statistics.median(t) * 1e6, min=min(t) * 1e6) for name, t in times.items()}
+
+
+def host_ratio(rounds: list[dict]) -> dict:
+    """The ASE / bare host-time ratio over rounds of host_times_us(dict(ase=..., bare=...)): per round the ratio of
+    the medians; reported as their median and range, with the medians of the per-round times."""
+    ratios = sorted(r["ase"]["median"] / r["bare"]["median"] for r in rounds)
+    return dict(ase_us=dict(median=statistics.median(r["ase"]["median"] for r in rounds),
+                            min=min(r["ase"]["min"] for r in rounds)),
+                bare_us=dict(median=statistics.median(r["bare"]["median"] for r in rounds),
+                             min=min(r["bare"]["min"] for r in rounds)),
+                ratio=statistics.median(ratios), ratio_low=ratios[0], ratio_high=ratios[-1], rounds=len(rounds))
