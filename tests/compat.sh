@@ -10,8 +10,9 @@
 #
 # VENV_DIR defaults to /tmp/ase-compat/torchTORCH-tritonTRITON and is reused when it already holds that stack.
 # Downloads go through pip's own cache (torch with its CUDA libraries is a few GB the first time). NUMPY=SPEC
-# pins numpy (e.g. NUMPY='<2.4'); without it, triton 3.6's interpreter gets numpy<2.4 (its `range()` over a
-# constexpr calls int() on a one-element array, which numpy 2.4 refuses). Not run by CI, which tests the pinned
+# pins numpy (e.g. NUMPY='==2.3.5'); without it, triton < 3.8 gets numpy<2.4: their interpreter turns a scalar
+# tensor into an int with int() on a one-element array (a loop bound such as `range(0, NUM_TASKS)`), which numpy 2.4
+# refuses (seen with triton 3.1.0 and 3.6.0; 3.8 squeezes the array first). Not run by CI, which tests the pinned
 # stack; the README says which stacks passed and when.
 set -euo pipefail
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
@@ -22,7 +23,8 @@ torch_v=$1 triton_v=$2
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${3:-/tmp/ase-compat/torch$torch_v-triton$triton_v}"
 numpy_spec="${NUMPY:-}"
-if [ -z "$numpy_spec" ] && [[ "$triton_v" == 3.6* ]]; then numpy_spec="<2.4"; fi
+triton_minor=$(echo "$triton_v" | cut -d. -f2)
+if [ -z "$numpy_spec" ] && [ "${triton_v%%.*}" = 3 ] && [ "$triton_minor" -lt 8 ]; then numpy_spec="<2.4"; fi
 
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
 # torchvision X.Y matches torch 2.(Y-15) (0.20 <-> 2.5, 0.26 <-> 2.11, 0.29 <-> 2.14); pip picks the patch release
