@@ -11,7 +11,7 @@ The package's own code is steered onto its GPU branch while its tensors stay on 
 package (and only there) ``Tensor.is_cuda`` answers True, and the few CUDA runtime queries a launcher makes
 answer as an H100 would (132 SMs, no stream capture). Torch, timm and Triton see the truth.
 
-Triton internals relied on (triton 3.8.0): ``triton.runtime.driver.driver.set_active / ._active``,
+Triton internals relied on (triton 3.8.0): ``triton.runtime.driver.driver.set_active / ._active`` (3.4: ``.active``),
 ``JITFunction.run(*args, grid, warmup, **kwargs)`` returning the ``CompiledKernel``, ``JITFunction.device_caches``
 (per-device binder, target and kernel cache; cleared when the target changes), ``JITFunction.params[i].is_constexpr``,
 ``Autotuner.run / .cache / .configs / .do_bench / .cache_results`` and ``CompiledKernel.hash / .metadata / .asm``.
@@ -156,14 +156,17 @@ def compile_only(recorder: Recorder, arch: int, first_config: bool = False):
         finally:
             self.configs = configs
 
-    previous = driver._active  # reset_active() would build the default driver, which needs a GPU
+    # the active driver, restored as it was: reset_active() would build the default driver, which needs a GPU
+    # (triton 3.6 and later name it ._active, 3.4 .active)
+    slot = "_active" if hasattr(driver, "_active") else "active"
+    previous = getattr(driver, slot)
     driver.set_active(_Driver(target))
     JITFunction.run, Autotuner.run = run, tune
     try:
         yield recorder
     finally:
         JITFunction.run, Autotuner.run = jit_run, tune_run
-        driver._active = previous
+        setattr(driver, slot, previous)
 
 
 @contextlib.contextmanager
