@@ -30,8 +30,12 @@ if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
 # torchvision X.Y matches torch 2.(Y-15) (0.20 <-> 2.5, 0.26 <-> 2.11, 0.29 <-> 2.14); pip picks the patch release
 # whose torch requirement is the one asked for
 minor=$(echo "$torch_v" | cut -d. -f2)
+# pyproject.toml's dependencies, not the project itself (whose build would write build/ into the work tree): pip
+# still refuses a pair outside their bounds
+mapfile -t deps < <("$venv/bin/python" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))\
+['project']['dependencies']))" "$root/pyproject.toml")
 "$venv/bin/pip" install --progress-bar off -q "torch==$torch_v" "triton==$triton_v" "torchvision==0.$((minor + 15)).*" \
-  "numpy${numpy_spec}" "$root" pytest hypothesis
+  "numpy${numpy_spec}" "${deps[@]}" pytest hypothesis
 "$venv/bin/python" -c "import torch, triton, numpy, sys; print('stack: python', sys.version.split()[0], 'torch', \
 torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 
