@@ -34,6 +34,7 @@ minor=$(echo "$torch_v" | cut -d. -f2)
 # still refuses a pair outside their bounds
 mapfile -t deps < <("$venv/bin/python" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))\
 ['project']['dependencies']))" "$root/pyproject.toml")
+if [ ${#deps[@]} -eq 0 ]; then echo "compat.sh: no dependencies read from $root/pyproject.toml" >&2; exit 2; fi
 "$venv/bin/pip" install --progress-bar off -q "torch==$torch_v" "triton==$triton_v" "torchvision==0.$((minor + 15)).*" \
   "numpy${numpy_spec}" "${deps[@]}" pytest hypothesis
 "$venv/bin/python" -c "import torch, triton, numpy, sys; print('stack: python', sys.version.split()[0], 'torch', \
