@@ -156,6 +156,21 @@ def plain_flops(images: int) -> float:
     return counter.get_total_flops()
 
 
+def train_step(model: MultiTaskViT, net: nn.Module, impl: str, opt: torch.optim.Optimizer):
+    """step(batch): one training step of ``net`` (``model`` itself, or compiled): the weighted task losses, plus the
+    MI loss where the model has experts, backward, and ``opt``'s update."""
+
+    def step(batch):
+        loss = task_losses(forward(net, batch["image"]), batch)
+        if impl != "plain":
+            loss = loss + MI_WEIGHT * model.mi_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 MODES = {"eager": None, "compiled": "default", "graphed": "reduce-overhead"}  # torch.compile mode of each
 CASES = [(impl, "eager", images) for impl in IMPLS for images in ENV.vit_images]
 CASES += [(impl, mode, images) for impl in ("ase", "plain") for mode in ("compiled", "graphed")
@@ -185,15 +200,7 @@ def bench_vit_train_step(benchmark, impl, mode, images, monkeypatch):
                   for t in TASKS)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=GPU)
-
-    def step(batch):
-        loss = task_losses(forward(net, batch["image"]), batch)
-        if impl != "plain":
-            loss = loss + MI_WEIGHT * model.mi_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = train_step(model, net, impl, opt)
     try:
         ms = run_timed(benchmark, step, lambda: (make_batch(images),), rounds=ENV.vit_rounds,
                        warmup=2 if mode == "eager" else 3)  # a CUDA graph is recorded on the third call

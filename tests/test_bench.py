@@ -66,3 +66,24 @@ def test_report_labels_the_cpu_ase_column_as_the_torch_fallback(tmp_path):
     path.write_text(json.dumps(data))
     text = report.main([str(path)])
     assert "| ase |" in text and "fallback" not in text
+
+
+def test_gpu_quick_session_dry_run(tmp_path):
+    """bash bench/gpu_session.sh quick --dry-run: the short GPU session's own entry point and code on the CPU at tiny
+    shapes (kernels under the interpreter), so that a bug a CPU can find never costs device minutes."""
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "quick", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()  # tests/test_gpu.py ran first (no GPU here)
+    data = json.loads((tmp_path / "gpu_quick.json").read_text())
+    assert data["dry_run"] is True
+    cells = {(r["config"], r["path"], r["mode"]) for r in data["ffn"]}
+    assert cells == {(c, p, m) for c in ("32/6/2/2", "16/3/1/4") for p in ("fused", "cublas")
+                     for m in ("eager", "graphed")}
+    assert all(r["ms"] > 0 and r["bare_ms"] > 0 and r["rel_err"] <= 1e-4 for r in data["ffn"])  # checked, then timed
+    assert len(data["memory"]) == 4 and all(r["ase_mb"] > 0 and r["bare_mb"] > 0 for r in data["memory"])
+    assert [r["impl"] for r in data["vit_step"]] == ["ase", "plain"] and data["vit_step"][0]["vs_plain"] > 0
+    assert len(data["profile"]["rows"]) == 10 and any("moe_lora_ffn" in r["name"] for r in data["profile"]["rows"])
+    table = (tmp_path / "gpu_quick.md").read_text()
+    assert proc.stdout.rstrip().endswith(table.rstrip())  # the table is printed last

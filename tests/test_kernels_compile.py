@@ -11,6 +11,7 @@ the strides listed as odd (the rank-2 stride of lora_B's (N, d_out, r) layout). 
 are interpreted (TRITON_INTERPRET=1).
 """
 
+import inspect
 import os
 import re
 import subprocess
@@ -29,12 +30,14 @@ def _spill_bytes(ptx: str, target: int) -> int:
     """Spill stores + loads in bytes per thread, from ptxas -v with the flags Triton compiles with."""
     from triton.backends.nvidia.compiler import get_ptxas
 
+    # triton 3.6 and later pick a ptxas per target; 3.4 has one for all (tests/compat.sh tests both)
+    ptxas = get_ptxas(target) if inspect.signature(get_ptxas).parameters else get_ptxas()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         arch = f"sm_{target}a" if target == 90 else f"sm_{target}"
-        log = subprocess.run([get_ptxas(target).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+        log = subprocess.run([ptxas.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
                               "-o", src + ".o"], capture_output=True, text=True, check=True).stderr
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 

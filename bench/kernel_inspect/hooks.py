@@ -14,7 +14,7 @@ answer as the target's GPU would (``roofline.GPUS``: its SMs and shared memory, 
 stand-in driver that Triton's autotuners ask for the shared-memory limit when they prune configurations. Torch,
 timm and Triton see the truth.
 
-Triton internals relied on (triton 3.8.0): ``triton.runtime.driver.driver.set_active / ._active``,
+Triton internals relied on (triton 3.8.0): ``triton.runtime.driver.driver.set_active / ._active`` (3.4: ``.active``),
 ``JITFunction.run(*args, grid, warmup, **kwargs)`` returning the ``CompiledKernel``, ``JITFunction.device_caches``
 (per-device binder, target and kernel cache; cleared when the target changes), ``JITFunction.params[i].is_constexpr``,
 ``Autotuner.run / .cache / .do_bench / .cache_results`` (``run`` benchmarks the configurations that
@@ -178,14 +178,17 @@ def compile_only(recorder: Recorder, target: str, first_config: bool = False):
         recorder.tuning(first_config)
         return tune_run(self, *args, **kwargs)
 
-    previous = driver._active  # reset_active() would build the default driver, which needs a GPU
+    # the active driver, restored as it was: reset_active() would build the default driver, which needs a GPU
+    # (triton 3.6 and later name it ._active, 3.4 .active)
+    slot = "_active" if hasattr(driver, "_active") else "active"
+    previous = getattr(driver, slot)
     driver.set_active(stand_in)
     JITFunction.run, Autotuner.run = run, tune
     try:
         yield recorder
     finally:
         JITFunction.run, Autotuner.run = jit_run, tune_run
-        driver._active = previous
+        setattr(driver, slot, previous)
 
 
 @contextlib.contextmanager

@@ -111,7 +111,8 @@ def device_ops(events, phases: dict[str, str]) -> list[dict]:
         if nested:
             continue
         shapes = [list(s) for s in e.input_shapes if s]
-        dtypes = e.input_dtypes or []
+        # torch 2.11 and older record no FunctionEvent.input_dtypes: there every input counts as 4-byte elements
+        dtypes = (e.input_dtypes or []) if hasattr(e, "input_dtypes") else [None] * len(e.input_shapes)
         nbytes = sum(math.prod(s) * _DTYPE_BYTES.get(t, 4) for s, t in zip(e.input_shapes, dtypes, strict=False) if s)
         ops.append(dict(op=e.name.removeprefix("aten::"), phase=phase, shapes=shapes, bytes=nbytes))
     return ops

@@ -1,0 +1,198 @@
+"""The measurements a short GPU session can afford, side by side in one process (``bash bench/gpu_session.sh
+quick`` runs it after tests/test_gpu.py):
+
+1. the ASE FFN forward+backward (ViT-B, 64 x 197 tokens, bf16, frozen fc1/fc2) over the bare frozen timm ``Mlp``,
+   for 32/6/2/2 and 16/3/1/4, on both GPU paths (``ASE_KERNELS_FFN=fused|cublas``), eager and replayed as one
+   CUDA graph, each path first checked against the float64 reference;
+2. the peak memory of that step over the bare ``Mlp``'s;
+3. one 5-task ViT-B training step (bench/bench_vit.py's model, 16 images per task), images/s, ASE 32/6/2/2 against
+   the plain MTL-ViT, eager;
+4. a torch.profiler top-10 of one ASE FFN forward+backward (32/6/2/2, fused).
+
+    python -m bench.gpu_quick [--out DIR] [--dry-run]
+
+Writes DIR/gpu_quick.json and DIR/gpu_quick.md (DIR: --out, else $OUT, else bench/) and prints the table last.
+``--dry-run`` runs the same code on the CPU at bench/conftest.py's CPU shapes, the kernels under Triton's
+interpreter (no CUDA graph is captured there: the graphed rows replay the eager step), so that CI finds what a CPU
+can find before a GPU minute is spent. Nothing is installed or compiled by torch.compile; the Triton kernels compile
+(and the one autotuned kernel tries its three configurations) on first use.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ((32, 6, 2, 2), (16, 3, 1, 4))  # the paper's best, and the 4-rank configuration of DESIGN.md
+PATHS = ("fused", "cublas")
+VIT_IMAGES = 16  # images per task of the training step on a GPU (80 images through the backbone)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_quick", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench"),
+                   help="folder for gpu_quick.json and gpu_quick.md (default: $OUT, else bench/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run on the CPU at tiny shapes, kernels under TRITON_INTERPRET=1 (what CI runs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    if args.dry_run:
+        # before torch and triton are imported: no GPU is seen, and kernels are defined for the interpreter
+        os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    os.environ["ASE_KERNELS_BACKEND"] = "triton"  # the kernels, also on the CPU of a dry run
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_vit
+    import torch
+    from baselines import build, make_ase, reference
+    from bench_ffn import _check, _inputs, ffn_flops
+    from conftest import ENV, GPU, Timer, memory_mb
+
+    if args.dry_run == GPU:
+        sys.exit("gpu_quick: --dry-run is for a CPU, and without it a CUDA GPU is needed "
+                 f"(torch.cuda.is_available() is {GPU})")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    warmup, reps = (5, 20) if GPU else (0, 1)  # a dry run checks that it runs, once
+
+    def median_ms(fn, *inputs) -> float:
+        timer = Timer(fn)
+        for _ in range(warmup + reps):
+            timer(*inputs)
+        return statistics.median(timer.times[warmup:])
+
+    def graphed(step, *inputs):
+        """step(*inputs) captured once as a CUDA graph; the returned callable replays it (a dry run: runs it)."""
+        if not GPU:
+            return lambda: step(*inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: kernels compile and tune, gradients exist
+            for _ in range(3):
+                step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(*inputs)
+        return graph.replay
+
+    def fwd_bwd(module):
+        return lambda x, grad: module(x).backward(grad)
+
+    tokens = ENV.images * ENV.tokens_per_image
+    ffn_rows, memory_rows = [], []
+    for config in CONFIGS:
+        cid = "/".join(map(str, config))
+        ase = make_ase(ENV.dim, ENV.hidden, config, "ffn", ENV.device, ENV.dtype)
+        ref = reference("ase", ase, ase)  # float64, built before the first forward
+        bare = build("bare", ase)
+        x, grad = _inputs(ENV.images, True)
+        exclude = [*ase.parameters(), *bare.parameters(), x, grad]
+        bare_ms = {"eager": median_ms(fwd_bwd(bare), x, grad), "graphed": median_ms(graphed(fwd_bwd(bare), x, grad))}
+        bare_mb = memory_mb(fwd_bwd(bare), (x, grad), exclude=exclude)
+        for path in PATHS:
+            os.environ["ASE_KERNELS_FFN"] = path
+            for p in [*ref.parameters(), *ase.parameters()]:  # what the previous path accumulated
+                p.grad = None
+            err = _check("ase", ase, ref, ase, ENV.images, True)
+            step = fwd_bwd(ase)
+            times = {"eager": median_ms(step, x, grad), "graphed": median_ms(graphed(step, x, grad))}
+            for mode, ms in times.items():
+                ffn_rows.append(dict(config=cid, path=path, mode=mode, ms=ms, bare_ms=bare_ms[mode],
+                                     ratio=ms / bare_ms[mode], rel_err=err,
+                                     tflops=ffn_flops(tokens, config, "ffn", "ase", True) / (ms * 1e-3) / 1e12))
+            mb = memory_mb(fwd_bwd(ase), (x, grad), exclude=exclude)
+            memory_rows.append(dict(config=cid, path=path, ase_mb=mb, bare_mb=bare_mb, ratio=mb / max(bare_mb, 1e-9),
+                                    kind="peak" if GPU else "saved"))
+        os.environ.pop("ASE_KERNELS_FFN")
+
+    images = VIT_IMAGES if GPU else ENV.vit_images[0]
+    vit_rows = []
+    for impl in ("ase", "plain"):
+        model = bench_vit.make_model(impl)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=GPU)
+        ms = median_ms(bench_vit.train_step(model, model, impl, opt), bench_vit.make_batch(images))
+        vit_rows.append(dict(impl=impl, images_per_task=images, tasks=len(bench_vit.TASKS), ms=ms,
+                             images_per_s=images / ms * 1e3))
+        del model, opt
+    vit_rows[0]["vs_plain"] = vit_rows[0]["images_per_s"] / vit_rows[1]["images_per_s"]
+
+    profile = _profile(torch, make_ase, _inputs, ENV, GPU)
+    result = dict(machine=_machine(torch, GPU), dry_run=args.dry_run,
+                  shapes=dict(ffn=f"{ENV.dim} -> {ENV.hidden} -> {ENV.dim}", tokens=tokens,
+                              dtype=str(ENV.dtype).removeprefix("torch."), vit=ENV.vit),
+                  ffn=ffn_rows, memory=memory_rows, vit_step=vit_rows, profile=profile,
+                  wall_s=time.perf_counter() - start)
+    text = _markdown(result)
+    with open(os.path.join(args.out, "gpu_quick.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "gpu_quick.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return result
+
+
+def _profile(torch, make_ase, inputs, env, gpu) -> dict:
+    """torch.profiler's top 10 by self device time (CPU time on a dry run) of one ASE FFN forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["ASE_KERNELS_FFN"] = "fused"
+    ase = make_ase(env.dim, env.hidden, CONFIGS[0], "ffn", env.device, env.dtype)
+    x, grad = inputs(env.images, True)
+    for _ in range(2):  # compiled and tuned before the profiled call
+        ase(x).backward(grad)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        ase(x).backward(grad)
+        if gpu:
+            torch.cuda.synchronize()
+    os.environ.pop("ASE_KERNELS_FFN")
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:10]
+    rows = [dict(name=e.key, calls=e.count, self_us=getattr(e, key)) for e in events]
+    return dict(layer="ASE FFN 32/6/2/2, fused, forward+backward", sorted_by=key, rows=rows)
+
+
+def _machine(torch, gpu) -> dict:
+    import triton
+
+    info = dict(torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0])
+    if gpu:
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
+
+
+def _markdown(r: dict) -> str:
+    m, s = r["machine"], r["shapes"]
+    where = m.get("gpu", "CPU (dry run: interpreter, tiny shapes; no number here is a measurement)")
+    lines = [f"## Quick GPU session: {where}", "",
+             f"torch {m['torch']}, triton {m['triton']}; FFN {s['ffn']}, {s['tokens']} tokens, {s['dtype']}; "
+             f"wall {r['wall_s']:.0f} s", "",
+             "### ASE FFN forward+backward over the bare frozen timm Mlp", "",
+             "| N/k/S/r | path | mode | ms | bare ms | ratio | TFLOP/s | rel. err vs fp64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['config']} | {x['path']} | {x['mode']} | {x['ms']:.3f} | {x['bare_ms']:.3f} | {x['ratio']:.2f}x | "
+              f"{x['tflops']:.1f} | {x['rel_err']:.1e} |" for x in r["ffn"]]
+    lines += ["", f"### Memory of the step over the bare Mlp ({r['memory'][0]['kind']} MiB)", "",
+              "| N/k/S/r | path | ASE MiB | bare MiB | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {x['config']} | {x['path']} | {x['ase_mb']:.1f} | {x['bare_mb']:.1f} | {x['ratio']:.2f}x |"
+              for x in r["memory"]]
+    lines += ["", "### 5-task ViT training step (eager)", "",
+              "| model | images per task | ms | images/s |", "|---|---|---|---|"]
+    names = {"ase": "ASE 32/6/2/2", "plain": "plain MTL-ViT"}
+    lines += [f"| {names[x['impl']]} | {x['images_per_task']} | {x['ms']:.1f} | {x['images_per_s']:.1f} |"
+              for x in r["vit_step"]]
+    lines += ["", f"ASE / plain throughput: {r['vit_step'][0]['vs_plain']:.2f}x", "",
+              f"### Profile: {r['profile']['layer']}, top 10 by {r['profile']['sorted_by']}", "",
+              "| op | calls | self us |", "|---|---|---|"]
+    lines += [f"| `{x['name'][:80]}` | {x['calls']} | {x['self_us']:.1f} |" for x in r["profile"]["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
