@@ -31,16 +31,24 @@ PATHS = ("fused", "cublas")
 VIT_IMAGES = 16  # images per task of the training step on a GPU (80 images through the backbone)
 
 
+BUDGET_S = 480  # the whole quick session (tests included) stops measuring here: a 10-minute command keeps its files
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.gpu_quick", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench"),
                    help="folder for gpu_quick.json and gpu_quick.md (default: $OUT, else bench/)")
     p.add_argument("--dry-run", action="store_true",
                    help="run on the CPU at tiny shapes, kernels under TRITON_INTERPRET=1 (what CI runs)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"seconds of measuring; steps not started by then are listed as skipped (default: {BUDGET_S} "
+                        "on a GPU, no limit on a dry run)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    """Runs every step it has time for, writing DIR/gpu_quick.{json,md} after each (a killed run keeps what it
+    measured); a step that fails is recorded and the others still run. Exits 1 if any step or check failed."""
     args = _parse(argv)
     if args.dry_run:
         # before torch and triton are imported: no GPU is seen, and kernels are defined for the interpreter
@@ -57,8 +65,40 @@ def main(argv=None) -> dict:
         sys.exit("gpu_quick: --dry-run is for a CPU, and without it a CUDA GPU is needed "
                  f"(torch.cuda.is_available() is {GPU})")
     os.makedirs(args.out, exist_ok=True)
+    budget_s = args.budget_s if args.budget_s is not None else BUDGET_S if GPU else float("inf")
     start = time.perf_counter()
+    torch.manual_seed(0)
     warmup, reps = (5, 20) if GPU else (0, 1)  # a dry run checks that it runs, once
+    tokens = ENV.images * ENV.tokens_per_image
+    result = dict(machine=_machine(torch, GPU), dry_run=args.dry_run,
+                  shapes=dict(ffn=f"{ENV.dim} -> {ENV.hidden} -> {ENV.dim}", tokens=tokens,
+                              dtype=str(ENV.dtype).removeprefix("torch."), vit=ENV.vit),
+                  ffn=[], memory=[], vit_step=[], profile=None, errors=[], skipped=[], complete=False, wall_s=0.0)
+
+    def save():
+        """gpu_quick.{json,md} as they stand (each replaced whole, so a kill leaves the previous version)."""
+        result["wall_s"] = time.perf_counter() - start
+        for name, text in (("gpu_quick.json", json.dumps(result, indent=1)), ("gpu_quick.md", _markdown(result))):
+            path = os.path.join(args.out, name)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+
+    def step(name, fn):
+        """fn() unless the budget is spent (then name is listed as skipped); an exception is recorded, not raised."""
+        if time.perf_counter() - start > budget_s:
+            result["skipped"].append(name)
+            print(f"gpu_quick: {name}: skipped, past the {budget_s:.0f} s budget", file=sys.stderr)
+            return
+        try:
+            fn()
+        except Exception as e:  # recorded and shown; the other steps still measure
+            result["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:500]}")
+            print(f"gpu_quick: {name}: FAILED: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr)
+            if GPU:
+                torch.cuda.synchronize()  # a failed capture or launch surfaces here, not in the next step
+        print(f"gpu_quick: {name}: done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        save()
 
     def median_ms(fn, *inputs) -> float:
         timer = Timer(fn)
@@ -66,27 +106,25 @@ def main(argv=None) -> dict:
             timer(*inputs)
         return statistics.median(timer.times[warmup:])
 
-    def graphed(step, *inputs):
-        """step(*inputs) captured once as a CUDA graph; the returned callable replays it (a dry run: runs it)."""
+    def graphed(fn, *inputs):
+        """fn(*inputs) captured once as a CUDA graph; the returned callable replays it (a dry run: runs it)."""
         if not GPU:
-            return lambda: step(*inputs)
+            return lambda: fn(*inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: kernels compile and tune, gradients exist
             for _ in range(3):
-                step(*inputs)
+                fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step(*inputs)
+            fn(*inputs)
         return graph.replay
 
     def fwd_bwd(module):
         return lambda x, grad: module(x).backward(grad)
 
-    tokens = ENV.images * ENV.tokens_per_image
-    ffn_rows, memory_rows = [], []
-    for config in CONFIGS:
+    def ffn(config):
         cid = "/".join(map(str, config))
         ase = make_ase(ENV.dim, ENV.hidden, config, "ffn", ENV.device, ENV.dtype)
         ref = reference("ase", ase, ase)  # float64, built before the first forward
@@ -96,44 +134,53 @@ def main(argv=None) -> dict:
         bare_ms = {"eager": median_ms(fwd_bwd(bare), x, grad), "graphed": median_ms(graphed(fwd_bwd(bare), x, grad))}
         bare_mb = memory_mb(fwd_bwd(bare), (x, grad), exclude=exclude)
         for path in PATHS:
-            os.environ["ASE_KERNELS_FFN"] = path
-            for p in [*ref.parameters(), *ase.parameters()]:  # what the previous path accumulated
-                p.grad = None
-            err = _check("ase", ase, ref, ase, ENV.images, True)
-            step = fwd_bwd(ase)
-            times = {"eager": median_ms(step, x, grad), "graphed": median_ms(graphed(step, x, grad))}
-            for mode, ms in times.items():
-                ffn_rows.append(dict(config=cid, path=path, mode=mode, ms=ms, bare_ms=bare_ms[mode],
-                                     ratio=ms / bare_ms[mode], rel_err=err,
-                                     tflops=ffn_flops(tokens, config, "ffn", "ase", True) / (ms * 1e-3) / 1e12))
-            mb = memory_mb(fwd_bwd(ase), (x, grad), exclude=exclude)
-            memory_rows.append(dict(config=cid, path=path, ase_mb=mb, bare_mb=bare_mb, ratio=mb / max(bare_mb, 1e-9),
-                                    kind="peak" if GPU else "saved"))
-        os.environ.pop("ASE_KERNELS_FFN")
+            os.environ["ASE_KERNELS_FFN"] = path  # read at every call (kernels/ffn.py: ffn_path)
+            try:
+                for p in [*ref.parameters(), *ase.parameters()]:  # what the previous path accumulated
+                    p.grad = None
+                try:
+                    err, failed = _check("ase", ase, ref, ase, ENV.images, True), None
+                except AssertionError as e:  # timed all the same, and flagged: the exit status says so
+                    err, failed = None, str(e)[:500]
+                    result["errors"].append(f"ffn {cid} {path}: check against float64 failed: {failed}")
+                fn, flops = fwd_bwd(ase), ffn_flops(tokens, config, "ffn", "ase", True)
+                times = {"eager": median_ms(fn, x, grad), "graphed": median_ms(graphed(fn, x, grad))}
+                for mode, ms in times.items():
+                    result["ffn"].append(dict(config=cid, path=path, mode=mode, ms=ms, bare_ms=bare_ms[mode],
+                                              ratio=ms / bare_ms[mode], rel_err=err, check_failed=failed,
+                                              tflops=flops / (ms * 1e-3) / 1e12))
+                mb = memory_mb(fwd_bwd(ase), (x, grad), exclude=exclude)
+                result["memory"].append(dict(config=cid, path=path, ase_mb=mb, bare_mb=bare_mb,
+                                             ratio=mb / max(bare_mb, 1e-9), kind="peak" if GPU else "saved"))
+            finally:
+                os.environ.pop("ASE_KERNELS_FFN")
 
-    images = VIT_IMAGES if GPU else ENV.vit_images[0]
-    vit_rows = []
-    for impl in ("ase", "plain"):
+    def vit(impl):
+        images = VIT_IMAGES if GPU else ENV.vit_images[0]
         model = bench_vit.make_model(impl)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=GPU)
         ms = median_ms(bench_vit.train_step(model, model, impl, opt), bench_vit.make_batch(images))
-        vit_rows.append(dict(impl=impl, images_per_task=images, tasks=len(bench_vit.TASKS), ms=ms,
-                             images_per_s=images / ms * 1e3))
-        del model, opt
-    vit_rows[0]["vs_plain"] = vit_rows[0]["images_per_s"] / vit_rows[1]["images_per_s"]
+        result["vit_step"].append(dict(impl=impl, images_per_task=images, tasks=len(bench_vit.TASKS), ms=ms,
+                                       images_per_s=images / ms * 1e3))
+        rows = {r["impl"]: r for r in result["vit_step"]}
+        if {"ase", "plain"} <= rows.keys():
+            rows["ase"]["vs_plain"] = rows["ase"]["images_per_s"] / rows["plain"]["images_per_s"]
 
-    profile = _profile(torch, make_ase, _inputs, ENV, GPU)
-    result = dict(machine=_machine(torch, GPU), dry_run=args.dry_run,
-                  shapes=dict(ffn=f"{ENV.dim} -> {ENV.hidden} -> {ENV.dim}", tokens=tokens,
-                              dtype=str(ENV.dtype).removeprefix("torch."), vit=ENV.vit),
-                  ffn=ffn_rows, memory=memory_rows, vit_step=vit_rows, profile=profile,
-                  wall_s=time.perf_counter() - start)
-    text = _markdown(result)
-    with open(os.path.join(args.out, "gpu_quick.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "gpu_quick.md"), "w") as f:
-        f.write(text)
-    print(text)
+    def profile():
+        result["profile"] = _profile(torch, make_ase, _inputs, ENV, GPU)
+
+    for config in CONFIGS:
+        step(f"ffn {'/'.join(map(str, config))}", lambda config=config: ffn(config))
+        if GPU:
+            torch.cuda.empty_cache()  # the next configuration starts without this one's cached blocks
+    for impl in ("ase", "plain"):
+        step(f"vit {impl}", lambda impl=impl: vit(impl))
+        if GPU:
+            torch.cuda.empty_cache()
+    step("profile", profile)
+    result["complete"] = True
+    save()
+    print(_markdown(result))
     return result
 
 
@@ -142,16 +189,20 @@ def _profile(torch, make_ase, inputs, env, gpu) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     os.environ["ASE_KERNELS_FFN"] = "fused"
-    ase = make_ase(env.dim, env.hidden, CONFIGS[0], "ffn", env.device, env.dtype)
-    x, grad = inputs(env.images, True)
-    for _ in range(2):  # compiled and tuned before the profiled call
-        ase(x).backward(grad)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
-        ase(x).backward(grad)
+    try:
+        ase = make_ase(env.dim, env.hidden, CONFIGS[0], "ffn", env.device, env.dtype)
+        x, grad = inputs(env.images, True)
+        for _ in range(2):  # compiled and tuned before the profiled call
+            ase(x).backward(grad)
         if gpu:
-            torch.cuda.synchronize()
-    os.environ.pop("ASE_KERNELS_FFN")
+            torch.cuda.synchronize()  # the warm-up's kernels end before the profiler starts
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=activities) as prof:
+            ase(x).backward(grad)
+            if gpu:
+                torch.cuda.synchronize()
+    finally:
+        os.environ.pop("ASE_KERNELS_FFN")
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:10]
     rows = [dict(name=e.key, calls=e.count, self_us=getattr(e, key)) for e in events]
@@ -168,17 +219,23 @@ def _machine(torch, gpu) -> dict:
 
 
 def _markdown(r: dict) -> str:
+    """The tables of what r holds so far (a step not yet run, skipped or failed has no rows)."""
     m, s = r["machine"], r["shapes"]
     where = m.get("gpu", "CPU (dry run: interpreter, tiny shapes; no number here is a measurement)")
+    state = "complete" if r["complete"] else "INCOMPLETE (still running, or killed)"
     lines = [f"## Quick GPU session: {where}", "",
              f"torch {m['torch']}, triton {m['triton']}; FFN {s['ffn']}, {s['tokens']} tokens, {s['dtype']}; "
-             f"wall {r['wall_s']:.0f} s", "",
-             "### ASE FFN forward+backward over the bare frozen timm Mlp", "",
-             "| N/k/S/r | path | mode | ms | bare ms | ratio | TFLOP/s | rel. err vs fp64 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"wall {r['wall_s']:.0f} s; {state}", ""]
+    notes = [f"- FAILED {e}" for e in r["errors"]] + [f"- skipped (budget): {x}" for x in r["skipped"]]
+    lines += notes + [""] * bool(notes)
+    lines += ["### ASE FFN forward+backward over the bare frozen timm Mlp", "",
+              "| N/k/S/r | path | mode | ms | bare ms | ratio | TFLOP/s | rel. err vs fp64 |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {x['config']} | {x['path']} | {x['mode']} | {x['ms']:.3f} | {x['bare_ms']:.3f} | {x['ratio']:.2f}x | "
-              f"{x['tflops']:.1f} | {x['rel_err']:.1e} |" for x in r["ffn"]]
-    lines += ["", f"### Memory of the step over the bare Mlp ({r['memory'][0]['kind']} MiB)", "",
+              f"{x['tflops']:.1f} | {'CHECK FAILED' if x['rel_err'] is None else format(x['rel_err'], '.1e')} |"
+              for x in r["ffn"]]
+    kind = r["memory"][0]["kind"] if r["memory"] else ""
+    lines += ["", f"### Memory of the step over the bare Mlp ({kind} MiB)", "",
               "| N/k/S/r | path | ASE MiB | bare MiB | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {x['config']} | {x['path']} | {x['ase_mb']:.1f} | {x['bare_mb']:.1f} | {x['ratio']:.2f}x |"
               for x in r["memory"]]
@@ -187,12 +244,14 @@ def _markdown(r: dict) -> str:
     names = {"ase": "ASE 32/6/2/2", "plain": "plain MTL-ViT"}
     lines += [f"| {names[x['impl']]} | {x['images_per_task']} | {x['ms']:.1f} | {x['images_per_s']:.1f} |"
               for x in r["vit_step"]]
-    lines += ["", f"ASE / plain throughput: {r['vit_step'][0]['vs_plain']:.2f}x", "",
-              f"### Profile: {r['profile']['layer']}, top 10 by {r['profile']['sorted_by']}", "",
-              "| op | calls | self us |", "|---|---|---|"]
-    lines += [f"| `{x['name'][:80]}` | {x['calls']} | {x['self_us']:.1f} |" for x in r["profile"]["rows"]]
+    if r["vit_step"] and "vs_plain" in r["vit_step"][0]:
+        lines += ["", f"ASE / plain throughput: {r['vit_step'][0]['vs_plain']:.2f}x"]
+    if r["profile"]:
+        lines += ["", f"### Profile: {r['profile']['layer']}, top 10 by {r['profile']['sorted_by']}", "",
+                  "| op | calls | self us |", "|---|---|---|"]
+        lines += [f"| `{x['name'][:80]}` | {x['calls']} | {x['self_us']:.1f} |" for x in r["profile"]["rows"]]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)

@@ -19,11 +19,18 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')
 case "${1:-all}" in
   quick) shift
          status=0
+         # one 10-minute command: the tests get at most 270 s, and gpu_quick.py measures until 480 s from the start
+         # of this script, then writes what it has (it also writes after every step); no limits on a dry run
+         case " $* " in *" --dry-run "*) tests_s=0 ;; *) tests_s=270 ;; esac  # timeout 0: none
          # correctness with one launch configuration per kernel (an FFN compiles 12 variants instead of 20); gpu_quick.py
          # then autotunes, as users get it, and checks each path it times against float64 first
-         ASE_KERNELS_AUTOTUNE=0 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 \
-           | tee "$out/gpu_tests.log" | tail -15 || status=1
-         python3 -m bench.gpu_quick --out "$out" "$@" || status=1
+         ASE_KERNELS_AUTOTUNE=0 timeout -k 10 "$tests_s" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider \
+           2>&1 | tee "$out/gpu_tests.log" | tail -15 \
+           || { status=1; echo "gpu_session: tests/test_gpu.py failed, or was stopped at ${tests_s} s"; }
+         budget=()
+         [ "$tests_s" = 0 ] || budget=(--budget-s $((480 - SECONDS)))
+         # a failed step or check: FAILED lines on stderr and atop gpu_quick.md, exit 1 (the table stays last)
+         python3 -m bench.gpu_quick --out "$out" ${budget[@]+"${budget[@]}"} "$@" || status=1
          exit $status ;;
   tests) python3 -m pytest tests/test_gpu.py tests/test_routing.py tests/test_lowrank.py tests/test_ops.py \
            tests/test_modules.py -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;

@@ -77,7 +77,7 @@ def test_gpu_quick_session_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert "skipped" in (tmp_path / "gpu_tests.log").read_text()  # tests/test_gpu.py ran first (no GPU here)
     data = json.loads((tmp_path / "gpu_quick.json").read_text())
-    assert data["dry_run"] is True
+    assert data["dry_run"] is True and data["complete"] is True and data["errors"] == data["skipped"] == []
     cells = {(r["config"], r["path"], r["mode"]) for r in data["ffn"]}
     assert cells == {(c, p, m) for c in ("32/6/2/2", "16/3/1/4") for p in ("fused", "cublas")
                      for m in ("eager", "graphed")}
@@ -87,3 +87,16 @@ def test_gpu_quick_session_dry_run(tmp_path):
     assert len(data["profile"]["rows"]) == 10 and any("moe_lora_ffn" in r["name"] for r in data["profile"]["rows"])
     table = (tmp_path / "gpu_quick.md").read_text()
     assert proc.stdout.rstrip().endswith(table.rstrip())  # the table is printed last
+
+
+def test_gpu_quick_writes_what_it_has_when_the_budget_is_spent(tmp_path):
+    """Past its time budget gpu_quick measures nothing more, lists the steps it skipped and still writes its files
+    (the short GPU session stops at 8 minutes so that a 10-minute command returns them)."""
+    command = [sys.executable, "-m", "bench.gpu_quick", "--dry-run", "--budget-s", "0", "--out", str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu_quick.json").read_text())
+    assert data["skipped"] == ["ffn 32/6/2/2", "ffn 16/3/1/4", "vit ase", "vit plain", "profile"]
+    assert data["complete"] is True and data["ffn"] == data["vit_step"] == [] and data["profile"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_quick.json", "gpu_quick.md"]
+    assert "skipped (budget): vit ase" in proc.stdout
