@@ -95,10 +95,15 @@ def main(argv=None) -> dict:
         except Exception as e:  # recorded and shown; the other steps still measure
             result["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:500]}")
             print(f"gpu_quick: {name}: FAILED: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr)
-            if GPU:
-                torch.cuda.synchronize()  # a failed capture or launch surfaces here, not in the next step
+            try:  # a failed launch surfaces here, not in the next step; a lost CUDA context fails each step after
+                if GPU:
+                    torch.cuda.synchronize()
+            except Exception as lost:
+                result["errors"].append(f"{name}: then torch.cuda.synchronize: {type(lost).__name__}: {lost}"[:600])
         print(f"gpu_quick: {name}: done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
         save()
+
+    save()  # the machine and shapes, before the first step
 
     def median_ms(fn, *inputs) -> float:
         timer = Timer(fn)
