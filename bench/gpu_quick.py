@@ -211,7 +211,26 @@ def _profile(torch, make_ase, inputs, env, gpu) -> dict:
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:10]
     rows = [dict(name=e.key, calls=e.count, self_us=getattr(e, key)) for e in events]
-    return dict(layer="ASE FFN 32/6/2/2, fused, forward+backward", sorted_by=key, rows=rows)
+    return dict(layer="ASE FFN 32/6/2/2, fused, forward+backward", sorted_by=key, rows=rows,
+                device=_device_busy(prof.events(), torch.autograd.DeviceType.CUDA))
+
+
+def _device_busy(events, device_type) -> dict | None:
+    """Whether the GPU idles between launches: the time in which some kernel (or copy) of ``events`` of
+    ``device_type`` ran, over the span from the first one's start to the last one's end (microseconds, the
+    profiler's ``time_range``). None where there is none (a dry run)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type)
+    if not spans:
+        return None
+    busy, (lo, hi) = 0.0, spans[0]
+    for start, end in spans[1:]:  # merged, so that overlapping kernels (several streams) count once
+        if start > hi:
+            busy, lo, hi = busy + hi - lo, start, end
+        else:
+            hi = max(hi, end)
+    busy += hi - lo
+    span = max(end for _, end in spans) - spans[0][0]
+    return dict(launches=len(spans), busy_us=busy, span_us=span, idle_share=1 - busy / span if span > 0 else 0.0)
 
 
 def _machine(torch, gpu) -> dict:
@@ -255,6 +274,11 @@ def _markdown(r: dict) -> str:
         lines += ["", f"### Profile: {r['profile']['layer']}, top 10 by {r['profile']['sorted_by']}", "",
                   "| op | calls | self us |", "|---|---|---|"]
         lines += [f"| `{x['name'][:80]}` | {x['calls']} | {x['self_us']:.1f} |" for x in r["profile"]["rows"]]
+        d = r["profile"].get("device")
+        if d:
+            lines += ["", f"The GPU ran {d['launches']} kernels and copies for {d['busy_us']:.0f} us of the "
+                          f"{d['span_us']:.0f} us from the first one's start to the last one's end: idle "
+                          f"{100 * d['idle_share']:.0f}% of it (between launches)."]
     return "\n".join(lines) + "\n"
 
 

@@ -100,3 +100,18 @@ def test_gpu_quick_writes_what_it_has_when_the_budget_is_spent(tmp_path):
     assert data["complete"] is True and data["ffn"] == data["vit_step"] == [] and data["profile"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_quick.json", "gpu_quick.md"]
     assert "skipped (budget): vit ase" in proc.stdout
+
+
+def test_gpu_quick_device_busy_merges_overlaps_and_counts_gaps():
+    """The profile's idle share, which no CPU run reaches: kernels [0, 10] and [5, 20] (overlapping, two streams),
+    a gap, then [30, 40]: busy 30 us of a 40 us span; events on another device are ignored."""
+    from types import SimpleNamespace
+
+    from bench.gpu_quick import _device_busy
+
+    def event(device, start, end):
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("cuda", 30, 40), event("cpu", 0, 100), event("cuda", 0, 10), event("cuda", 5, 20)]
+    assert _device_busy(events, "cuda") == dict(launches=3, busy_us=30, span_us=40, idle_share=0.25)
+    assert _device_busy(events[1:2], "cuda") is None
