@@ -11,7 +11,8 @@ quick`` runs it after tests/test_gpu.py):
 
     python -m bench.gpu_quick [--out DIR] [--dry-run]
 
-Writes DIR/gpu_quick.json and DIR/gpu_quick.md (DIR: --out, else $OUT, else bench/) and prints the table last.
+Writes DIR/gpu_quick.json and DIR/gpu_quick.md (DIR: --out, else $OUT, else bench/) after every step, and prints
+the table last. A failed step is recorded and the others run (exit status 1); no step starts past --budget-s.
 ``--dry-run`` runs the same code on the CPU at bench/conftest.py's CPU shapes, the kernels under Triton's
 interpreter (no CUDA graph is captured there: the graphed rows replay the eager step), so that CI finds what a CPU
 can find before a GPU minute is spent. Nothing is installed or compiled by torch.compile; the Triton kernels compile
