@@ -1,7 +1,7 @@
 """The ASE FFN in bf16 through the Triton kernels, every gradient, against the float64 reference: on a GPU at the real
 ViT-B shapes (64 images x 197 tokens = 12,608 tokens, FFN 768 -> 3072 -> 768, five tasks); on a CPU at a small shape,
 under Triton's interpreter taught bf16 as the GPU computes it (tests/interpreter_bf16.py). The CUDA-graph tests
-need a GPU."""
+need a GPU; they come first, being short (``bash bench/gpu_session.sh quick`` stops these tests at 270 s)."""
 
 import pytest
 import torch
@@ -19,6 +19,61 @@ TASKS, TOKENS_PER_IMAGE, DIM, HIDDEN = 5, 197, 768, 3072
 # interpreter's 32, the last one partial, one image per task) at widths that are not multiples of a block
 SHAPE = pytest.param((64, TOKENS_PER_IMAGE, DIM, HIDDEN), id="vit-b") if CUDA else pytest.param((5, 13, 40, 104),
                                                                                                  id="small")
+
+
+@needs_cuda
+def test_cuda_graph_capture_of_route_and_moe_lora(monkeypatch):
+    """No host synchronisation on the hot path: forward and backward capture into one CUDA graph."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    mlp = ak.ASEMlp(DIM, HIDDEN, num_experts=32, top_k=6, num_shared=2, rank=2, num_tasks=TASKS).cuda().bfloat16()
+    x = torch.randn(8, TOKENS_PER_IMAGE, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.arange(8, device="cuda") % TASKS
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: autotuning and compilation happen outside the capture
+            mlp(x, ids).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mlp(x, ids)
+        y.sum().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = mlp(x, ids)
+    assert_close("y", eager, y, torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_graph_replay_follows_refilled_per_token_task_ids(monkeypatch):
+    """Per-token int64 ids reach the ops as the very tensor the graph captured: refilled before replay, the router
+    gradient must follow the new ids, not task ranges cached by the eager warm-up on the same tensor."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    tokens = 8 * TOKENS_PER_IMAGE
+    x = torch.randn(tokens, DIM, device="cuda")
+    w = torch.randn(TASKS, 32, DIM, device="cuda", requires_grad=True)
+    ids = torch.arange(tokens, device="cuda") * TASKS // tokens  # task-major: the eager calls cache its ranges
+
+    def step():
+        w.grad = None
+        r = ak.route(x, w, ids, top_k=6, num_shared=2)
+        (r.gates.square().sum() + r.prob_sums.square().sum()).backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ids.copy_(torch.sort(torch.randint(0, TASKS, (tokens,), device="cuda")).values)  # another task-major split
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = w.grad.clone()
+    step()  # eager, on the refilled ids
+    assert_close("d_router_weight", w.grad, replayed, torch.float32)
 
 
 @pytest.mark.parametrize("shape", [SHAPE])
@@ -78,58 +133,3 @@ def test_vit_b_ffn_bf16_matches_reference(monkeypatch, shape, config, placement)
     for name, p in mlp.named_parameters():
         if p.requires_grad:
             assert_close(f"d{name}", params[name].grad, p.grad, torch.bfloat16)
-
-
-@needs_cuda
-def test_cuda_graph_capture_of_route_and_moe_lora(monkeypatch):
-    """No host synchronisation on the hot path: forward and backward capture into one CUDA graph."""
-    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
-    mlp = ak.ASEMlp(DIM, HIDDEN, num_experts=32, top_k=6, num_shared=2, rank=2, num_tasks=TASKS).cuda().bfloat16()
-    x = torch.randn(8, TOKENS_PER_IMAGE, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.arange(8, device="cuda") % TASKS
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: autotuning and compilation happen outside the capture
-            mlp(x, ids).sum().backward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = mlp(x, ids)
-        y.sum().backward()
-    graph.replay()
-    torch.cuda.synchronize()
-    eager = mlp(x, ids)
-    assert_close("y", eager, y, torch.bfloat16)
-
-
-@needs_cuda
-def test_cuda_graph_replay_follows_refilled_per_token_task_ids(monkeypatch):
-    """Per-token int64 ids reach the ops as the very tensor the graph captured: refilled before replay, the router
-    gradient must follow the new ids, not task ranges cached by the eager warm-up on the same tensor."""
-    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
-    tokens = 8 * TOKENS_PER_IMAGE
-    x = torch.randn(tokens, DIM, device="cuda")
-    w = torch.randn(TASKS, 32, DIM, device="cuda", requires_grad=True)
-    ids = torch.arange(tokens, device="cuda") * TASKS // tokens  # task-major: the eager calls cache its ranges
-
-    def step():
-        w.grad = None
-        r = ak.route(x, w, ids, top_k=6, num_shared=2)
-        (r.gates.square().sum() + r.prob_sums.square().sum()).backward()
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ids.copy_(torch.sort(torch.randint(0, TASKS, (tokens,), device="cuda")).values)  # another task-major split
-    graph.replay()
-    torch.cuda.synchronize()
-    replayed = w.grad.clone()
-    step()  # eager, on the refilled ids
-    assert_close("d_router_weight", w.grad, replayed, torch.float32)
