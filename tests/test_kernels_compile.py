@@ -11,7 +11,6 @@ the strides listed as odd (the rank-2 stride of lora_B's (N, d_out, r) layout). 
 are interpreted (TRITON_INTERPRET=1).
 """
 
-import inspect
 import os
 import re
 import subprocess
@@ -28,10 +27,9 @@ FIXED = {"task_ptr": "*i64", "idx_ptr": "*i64", "gate_ptr": "*fp32", "psum_ptr":
 
 def _spill_bytes(ptx: str, target: int) -> int:
     """Spill stores + loads in bytes per thread, from ptxas -v with the flags Triton compiles with."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from bench.kernel_inspect.cubin import ptxas as ptxas_for
 
-    # triton 3.6 and later pick a ptxas per target; 3.4 has one for all (tests/compat.sh tests both)
-    ptxas = get_ptxas(target) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    ptxas = ptxas_for(target)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
@@ -134,6 +132,9 @@ CASES = [pytest.param(90, "bf16", True, id="sm90-bf16"), pytest.param(90, "fp32"
 def test_every_kernel_compiles(target, dtype, all_configs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["ASE_KERNELS_AUTOTUNE"] = "1"  # compile every autotune configuration, not only the pinned one
+    # the script imports bench.kernel_inspect (the repository root is not on a script's sys.path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH"))
+                                        if p)
     proc = subprocess.run([sys.executable, __file__, str(target), dtype, str(int(all_configs))], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"compile for sm_{target} {dtype} failed:\n{proc.stderr[-4000:]}"

@@ -16,6 +16,7 @@ reads it instead of running ptxas and cuobjdump again. Triton internals: ``trito
 ``.sm_arch_from_capability``.
 """
 
+import inspect
 import json
 import os
 import re
@@ -32,10 +33,16 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 
 
+def ptxas(arch: int):
+    """The ptxas Triton compiles for capability arch with: triton 3.6 and later pick one per target (the newer
+    ``ptxas-blackwell`` from sm_100 on), 3.4 has one for all (tests/compat.sh tests both)."""
+    return get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+
+
 def ptxas_targets(arch: int) -> set[str]:
     """The GPU names (``sm_90a``, ``sm_120a``, ...) that the ptxas Triton bundles for capability arch accepts (a
     newer one, ``ptxas-blackwell``, from sm_100 on), from its ``--help``."""
-    help_text = _run(get_ptxas(arch).path, "--help")
+    help_text = _run(ptxas(arch).path, "--help")
     return set(re.findall(r"'(sm_[0-9]+[a-z]?)'", help_text))
 
 
@@ -79,7 +86,7 @@ def _ptxas(kernel, tmp: str) -> dict:
     ptx = os.path.join(tmp, "k.ptx")
     with open(ptx, "w") as f:
         f.write(kernel.asm["ptx"])
-    cmd = [get_ptxas(opt.target.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+    cmd = [ptxas(opt.target.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
            f"--gpu-name={sm_arch_from_capability(opt.target.arch)}", ptx, "-o", os.path.join(tmp, "re.cubin")]
     if not opt.enable_fp_fusion:
         cmd.insert(2, "--fmad=false")
