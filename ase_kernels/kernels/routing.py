@@ -205,9 +205,18 @@ def _mode(mode: str) -> int:
 
 
 def _meta(x: torch.Tensor, n: int, ks: int) -> dict:
-    cfg = launch_config("route", x)
-    return dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=next_block(n), BLOCK_KS=next_block(ks, 1),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    """The meta-parameters of both routing launches, computed once per dtype, device and expert counts."""
+    key = (x.dtype, x.device, n, ks)
+    meta = _metas.get(key)
+    if meta is None:
+        cfg = launch_config("route", x)
+        meta = _metas[key] = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=next_block(n),
+                                  BLOCK_KS=next_block(ks, 1), num_warps=cfg["num_warps"],
+                                  num_stages=cfg["num_stages"])
+    return meta
+
+
+_metas: dict[tuple, dict] = {}
 
 
 def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str):
