@@ -252,9 +252,10 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
     meta = _meta(x, n, top_k + num_shared)
     d_z = torch.empty(t, n, dtype=torch.float32, device=x.device)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if d_gates is not None:
+    # no-op conversions are skipped: each call would still dispatch (host time)
+    if d_gates is not None and d_gates.dtype != torch.float32:
         d_gates = d_gates.to(torch.float32)
-    if d_prob_sums is not None:
+    if d_prob_sums is not None and (d_prob_sums.dtype != torch.float32 or not d_prob_sums.is_contiguous()):
         d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
     _route_bwd_kernel[(cdiv(t, meta["BLOCK_T"]),)](
         x, router_weight, task_ids, indices, gates, d_gates if d_gates is not None else gates,
