@@ -383,6 +383,19 @@ class _Launch(NamedTuple):
     config: triton.Config | None = None
 
 
+_MAX_LAUNCHES = 4096  # per launcher: the keys hold the token count, which a varying batch or sequence length varies
+
+
+def _remember(cache: dict, key: tuple, launch: _Launch) -> _Launch:
+    """Store a launch computed for key; a cache grown past _MAX_LAUNCHES is emptied first, so that the token counts
+    of a long run with many batch shapes cannot grow it without bound (recomputing a launch is cheap, and the
+    autotuner keeps its own choices)."""
+    if len(cache) >= _MAX_LAUNCHES:
+        cache.clear()
+    cache[key] = launch
+    return launch
+
+
 def _wgrad_launch(t, c, k0, k1, two, rank, out_rows, no_ids, no_offsets, right) -> _Launch:
     """weight_grad's grid (k blocks, token splits, problems) and the meta-parameters of its two launches (with
     K_PART, the partial sums' width), computed once per shape."""
@@ -420,7 +433,7 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
            r0.dtype, dot_precision(r0), r0.device)
     launch = _wgrad_launches.get(key)
     if launch is None:
-        launch = _wgrad_launches[key] = _wgrad_launch(*key[:-3], r0)
+        launch = _remember(_wgrad_launches, key, _wgrad_launch(*key[:-3], r0))
     (k_blocks, splits, problems), meta = launch.grid, launch.meta
     k_part = meta["K_PART"]
     partial = torch.empty(splits, problems, c, k_part, dtype=torch.float32, device=r0.device)
@@ -461,7 +474,8 @@ def _shrink(inp, bank, gating, backward=None):
            dot_precision(inp), inp.device)
     launch = _shrink_launches.get(key)
     if launch is None:
-        launch = _shrink_launches[key] = _shrink_launch(inp, bank, idx.shape[1], backward is not None, key[-2])
+        launch = _remember(_shrink_launches, key,
+                           _shrink_launch(inp, bank, idx.shape[1], backward is not None, key[-2]))
     r_cols = bank.shape[0] * bank.shape[1]
     out = torch.empty(t, r_cols, dtype=torch.float32 if backward is None else inp.dtype, device=inp.device)
     ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
@@ -524,8 +538,8 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
     # None where the kernel is a stand-in that tunes nothing (tests/test_launches.py): it keeps this path
     if config is not None:
         c = config.kwargs
-        _expand_choice[key] = _Launch((cdiv(t, c["BLOCK_T"]) * cdiv(o, c["BLOCK_O"]),),
-                                      {**meta, **config.all_kwargs()}, config)
+        _remember(_expand_choice, key, _Launch((cdiv(t, c["BLOCK_T"]) * cdiv(o, c["BLOCK_O"]),),
+                                               {**meta, **config.all_kwargs()}, config))
     return out
 
 
