@@ -146,14 +146,12 @@ def _zeros(tokens: int, device: torch.device) -> torch.Tensor:
     return buf[:tokens]
 
 
-# routing indices made by route(), with their version: moe_lora trusts them without a value check
-_from_route = torch.utils.weak.WeakIdKeyDictionary()
-
-
 def trust_indices(indices: torch.Tensor) -> None:
-    """Mark indices made by route() as in range, so that moe_lora skips their value check (while unmodified)."""
+    """Mark indices made by route() as in range, so that moe_lora skips their value check (while unmodified). The
+    mark is the tensor's version, held as an attribute of the tensor itself: a weak-keyed table costs several
+    microseconds of host time per layer, an attribute a fraction of one; detach() and views carry no mark."""
     if not torch.compiler.is_compiling() and not indices.is_inference():  # inference tensors have no version
-        _from_route[indices] = indices._version
+        indices._ase_kernels_version = indices._version
 
 
 def _check_index_values(indices: torch.Tensor, n: int) -> None:
@@ -161,7 +159,7 @@ def _check_index_values(indices: torch.Tensor, n: int) -> None:
     ValueError; on an accelerator and under torch.compile the check runs on the device (torch._assert_async: no host
     sync) and fails the stream. Indices fresh from route() are not checked again."""
     if indices.numel() == 0 or (not torch.compiler.is_compiling() and not indices.is_inference()
-                                and _from_route.get(indices) == indices._version):
+                                and getattr(indices, "_ase_kernels_version", None) == indices._version):
         return
     ok = ((indices >= 0) & (indices < n)).all()
     if torch.compiler.is_compiling() or indices.device.type != "cpu":
@@ -199,8 +197,9 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
     """Validate the arguments of ``moe_lora``. Returns x as (T, d_in) and the leading shape of x."""
     check_x(x)
     d_in = x.shape[-1]
-    _check_tensor("lora_A", lora_A, dim=3, dtype=x.dtype, device=x.device)
-    _check_tensor("lora_B", lora_B, dim=3, dtype=x.dtype, device=x.device)
+    dtype, device = x.dtype, x.device  # once: each x.device builds a torch.device
+    _check_tensor("lora_A", lora_A, dim=3, dtype=dtype, device=device)
+    _check_tensor("lora_B", lora_B, dim=3, dtype=dtype, device=device)
     n, rank, a_in = lora_A.shape
     if a_in != d_in:
         raise ValueError(f"lora_A must have shape (N, r, {d_in}), got {tuple(lora_A.shape)}")
@@ -212,8 +211,8 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
         raise TypeError("routing must be the Routing returned by route(), (indices, gates, prob_sums)")
     indices, gates = routing[0], routing[1]
     tokens = x.shape[:-1].numel()
-    _check_tensor("routing.indices", indices, dim=2, device=x.device)
-    _check_tensor("routing.gates", gates, dim=2, device=x.device)
+    _check_tensor("routing.indices", indices, dim=2, device=device)
+    _check_tensor("routing.gates", gates, dim=2, device=device)
     if indices.dtype != torch.int64:
         raise TypeError(f"routing.indices must be int64, got {indices.dtype}")
     if not gates.dtype.is_floating_point:
@@ -225,18 +224,18 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
     _check_index_values(indices, n)
     d_out = lora_B.shape[1]
     if base_weight is not None:
-        _check_tensor("base_weight", base_weight, dim=2, dtype=x.dtype, device=x.device)
+        _check_tensor("base_weight", base_weight, dim=2, dtype=dtype, device=device)
         if base_weight.shape[0] != d_out:
             raise ValueError(f"base_weight must have shape ({d_out}, d_base), got {tuple(base_weight.shape)}")
         if base_input is None:
             raise ValueError("base_input is required when base_weight is given")
-        _check_tensor("base_input", base_input, dtype=x.dtype, device=x.device)
+        _check_tensor("base_input", base_input, dtype=dtype, device=device)
         if base_input.shape[:-1] != x.shape[:-1] or base_input.shape[-1] != base_weight.shape[1]:
             raise ValueError(
                 f"base_input must have shape {(*x.shape[:-1], base_weight.shape[1])}, got {tuple(base_input.shape)}"
             )
         if base_bias is not None:
-            _check_tensor("base_bias", base_bias, dim=1, dtype=x.dtype, device=x.device)
+            _check_tensor("base_bias", base_bias, dim=1, dtype=dtype, device=device)
             if base_bias.shape[0] != d_out:
                 raise ValueError(f"base_bias must have shape ({d_out},), got {tuple(base_bias.shape)}")
     elif base_input is not None or base_bias is not None:
@@ -247,16 +246,17 @@ def check_moe_lora(x, lora_A, lora_B, routing, base_input, base_weight, base_bia
 def check_moe_lora_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lora_A, lora_B, routing):
     """Validate the arguments of ``moe_lora_ffn``. Returns x as (T, d) and the leading shape of x."""
     check_x(x)
-    _check_tensor("fc1_weight", fc1_weight, dim=2, dtype=x.dtype, device=x.device)
+    dtype, device = x.dtype, x.device
+    _check_tensor("fc1_weight", fc1_weight, dim=2, dtype=dtype, device=device)
     hidden, d = fc1_weight.shape
     if d != x.shape[-1]:
         raise ValueError(f"fc1_weight must have shape (hidden, {x.shape[-1]}), got {tuple(fc1_weight.shape)}")
-    _check_tensor("fc2_weight", fc2_weight, dim=2, dtype=x.dtype, device=x.device)
+    _check_tensor("fc2_weight", fc2_weight, dim=2, dtype=dtype, device=device)
     if fc2_weight.shape[1] != hidden:
         raise ValueError(f"fc2_weight must have shape (d_out, {hidden}), got {tuple(fc2_weight.shape)}")
     for name, bias, size in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
         if bias is not None:
-            _check_tensor(name, bias, dim=1, dtype=x.dtype, device=x.device)
+            _check_tensor(name, bias, dim=1, dtype=dtype, device=device)
             if bias.shape[0] != size:
                 raise ValueError(f"{name} must have shape ({size},), got {tuple(bias.shape)}")
     if lora_B.dim() == 3 and lora_B.shape[1] != fc2_weight.shape[0]:

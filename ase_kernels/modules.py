@@ -104,7 +104,10 @@ class _Routed(nn.Module):
             # graph in forward), the last forward.
             ids = last.pending[-1][0] if last.pending else last.task_ids
         routing = route(x, self.router, ids, top_k=self.top_k, num_shared=self.num_shared, mode=self.mode)
-        if not recomputing and routing.gates.requires_grad and not torch.compiler.is_compiling():
+        # only forwards without explicit ids can be recomputed without them: one given its ids gets them again (a
+        # record and a gradient hook cost ~10 us of host time per layer)
+        if (task_ids is None and not recomputing and routing.gates.requires_grad
+                and not torch.compiler.is_compiling()):
             entry = [ids]
             last.pending = last.pending[-_PENDING + 1:] + [entry]  # graphs never differentiated fall off the end
             # a weak reference: the graph must not keep the holder (and through it, its own last graph) alive

@@ -39,4 +39,17 @@ def test_no_autotuner_lookup_after_the_first_call(monkeypatch, autotuner_calls):
         mlp(x, ids).sum().backward()
     assert len(autotuner_calls) == first, autotuner_calls[first:]
     # what is remembered is the autotuner's own choice (its only configuration under the interpreter)
-    assert all(any(c is k for k in lowrank._expand_kernel.configs) for c in lowrank._expand_choice.values())
+    assert all(any(launch.config is k for k in lowrank._expand_kernel.configs)
+               for launch in lowrank._expand_choice.values())
+
+
+def test_launch_caches_stay_bounded(monkeypatch):
+    """The per-shape launch caches hold the token count: a run with ever new batch shapes empties a full cache
+    instead of growing it without bound."""
+    monkeypatch.setenv("ASE_KERNELS_BACKEND", "triton")
+    monkeypatch.setattr(lowrank, "_MAX_LAUNCHES", 2)
+    monkeypatch.setattr(lowrank, "_shrink_launches", {})
+    mlp = ASEMlp(32, 64, num_experts=8, top_k=2, num_shared=1, rank=2)
+    for tokens in (1, 2, 3, 4, 5):
+        mlp(torch.randn(tokens, 32))
+        assert 1 <= len(lowrank._shrink_launches) <= 2, lowrank._shrink_launches.keys()

@@ -7,8 +7,11 @@ import os
 import torch
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET=1 runs the kernels on the CPU with numpy."""
+    """True when TRITON_INTERPRET=1 runs the kernels on the CPU with numpy. Read once per process, at the first
+    launch, as the kernels themselves read it once, when they are defined (on first use, see ops._triton_ops): the
+    launchers ask dozens of times per layer, and an environment lookup costs about a microsecond."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -91,8 +91,8 @@ def _ffn_run(phase: str, x: torch.Tensor, indices: torch.Tensor, weights: tuple,
     """One phase of the ASE FFN through the path that ffn_path picks. The choice is made per token count rounded
     up to a power of 2 and per shape of the token-independent tensors: weights (None for an absent bias) and the
     k + S experts per token."""
-    shapes = tuple(None if w is None else tuple(w.shape) for w in weights)
-    key = (phase, next_power_of_2(x.shape[0]), indices.shape[1], shapes, x.dtype, x.device)
+    key = (phase, next_power_of_2(x.shape[0]), indices.shape[1], *[None if w is None else w.shape for w in weights],
+           x.dtype, x.device)
     fns = _FFN[phase]
     return fns[ffn_path(key, fns, args, x)](*args)
 

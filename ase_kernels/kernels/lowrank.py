@@ -23,6 +23,7 @@ The whole ASE FFN built on these kernels is in ffn.py.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -373,6 +374,48 @@ def _wgrad_sum_kernel(
         tl.store(out, acc.to(out0_ptr.dtype.element_ty), mask=mask_c[:, None] & (offs_k < K0)[None, :])
 
 
+class _Launch(NamedTuple):
+    """One launch's grid and keyword arguments (meta-parameters, num_warps, num_stages), computed once per key;
+    config: the autotuner's choice where the kernel is autotuned."""
+
+    grid: tuple
+    meta: dict
+    config: triton.Config | None = None
+
+
+_MAX_LAUNCHES = 4096  # per launcher: the keys hold the token count, which a varying batch or sequence length varies
+
+
+def _remember(cache: dict, key: tuple, launch: _Launch) -> _Launch:
+    """Store a launch computed for key; a cache grown past _MAX_LAUNCHES is emptied first, so that the token counts
+    of a long run with many batch shapes cannot grow it without bound (recomputing a launch is cheap, and the
+    autotuner keeps its own choices)."""
+    if len(cache) >= _MAX_LAUNCHES:
+        cache.clear()
+    cache[key] = launch
+    return launch
+
+
+def _wgrad_launch(t, c, k0, k1, two, rank, out_rows, no_ids, no_offsets, right) -> _Launch:
+    """weight_grad's grid (k blocks, token splits, problems) and the meta-parameters of its two launches (with
+    K_PART, the partial sums' width), computed once per shape."""
+    problems = 2 if two else (1 if no_ids else out_rows)
+    k_part = max(k0, k1)
+    cfg = launch_config("wgrad", right)
+    k_blocks = cdiv(k_part, cfg["BLOCK_K"])
+    tokens_per_problem = t if no_offsets else cdiv(t, problems)
+    splits = token_splits(right, tokens_per_problem, k_blocks * problems, cfg["BLOCK_T"])
+    tasks = TASKS_NONE.value if no_ids else (TASKS_FILTER.value if no_offsets else TASKS_RANGES.value)
+    common = dict(TWO=two, BLOCK_C=next_block(c), BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    return _Launch((k_blocks, splits, problems), dict(
+        K_PART=k_part, wgrad=dict(TASKS=tasks, PRECISION=dot_precision(right), BLOCK_T=cfg["BLOCK_T"], **common),
+        sum=dict(RANK=rank if two else 1, **common)))
+
+
+_wgrad_launches: dict[tuple, _Launch] = {}  # see weight_grad
+
+
 def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None,
                 task_offsets: torch.Tensor | None = None):
     """Token reductions left^T right into weight gradients, in one launch of partial sums and one of their sum.
@@ -383,30 +426,23 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
     summing its own tokens (task_offsets (tasks + 1,): task-major ids, each task one range).
     """
     t, c = pairs[0][0].shape
-    two = len(pairs) == 2
-    problems = 2 if two else (outs[0].shape[0] if task_ids is not None else 1)
-    k0, k1 = pairs[0][1].shape[1], pairs[-1][1].shape[1]
-    k_part = max(k0, k1)
-    right = pairs[0][1]
-    cfg = launch_config("wgrad", right)
-    k_blocks = cdiv(k_part, cfg["BLOCK_K"])
-    tokens_per_problem = t if task_offsets is None else cdiv(t, problems)
-    splits = token_splits(right, tokens_per_problem, k_blocks * problems, cfg["BLOCK_T"])
-    partial = torch.empty(splits, problems, c, k_part, dtype=torch.float32, device=right.device)
     (l0, r0), (l1, r1) = pairs[0], pairs[-1]
-    tasks = TASKS_NONE.value if task_ids is None else (TASKS_FILTER.value if task_offsets is None
-                                                       else TASKS_RANGES.value)
-    ids = task_ids if task_ids is not None else l0
-    block_c = next_block(c)
-    _wgrad_kernel[(k_blocks, splits, problems)](
-        l0, r0, l1, r1, ids, task_offsets if task_offsets is not None else ids, partial,
-        t, c, k0, k1, k_part,
-        *l0.stride(), *r0.stride(), *l1.stride(), *r1.stride(), ids.stride(0),
-        TASKS=tasks, TWO=two, PRECISION=dot_precision(right),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
     o0, o1 = outs[0], outs[-1]
+    two = len(pairs) == 2
+    key = (t, c, r0.shape[1], r1.shape[1], two, rank, o0.shape[0], task_ids is None, task_offsets is None,
+           r0.dtype, dot_precision(r0), r0.device)
+    launch = _wgrad_launches.get(key)
+    if launch is None:
+        launch = _remember(_wgrad_launches, key, _wgrad_launch(*key[:-3], r0))
+    (k_blocks, splits, problems), meta = launch.grid, launch.meta
+    k_part = meta["K_PART"]
+    partial = torch.empty(splits, problems, c, k_part, dtype=torch.float32, device=r0.device)
+    ids = task_ids if task_ids is not None else l0
+    _wgrad_kernel[launch.grid](
+        l0, r0, l1, r1, ids, task_offsets if task_offsets is not None else ids, partial,
+        t, c, r0.shape[1], r1.shape[1], k_part,
+        *l0.stride(), *r0.stride(), *l1.stride(), *r1.stride(), ids.stride(0), **meta["wgrad"],
+    )
     if two:  # lora_A (N, r, K0): (n, r, k); lora_B (N, K1, r): (n, r, k) = strides 0, 2, 1
         s0 = (0, o0.stride(0), o0.stride(1), o0.stride(2))
         s1 = (o1.stride(0), o1.stride(2), o1.stride(1))
@@ -415,10 +451,8 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
         s1 = (0, 0, 0)
     _wgrad_sum_kernel[(k_blocks, problems)](
         partial, o0, o1,
-        splits, c, k0, k1, k_part,
-        *s0, *s1,
-        RANK=rank if two else 1, TWO=two, BLOCK_C=block_c, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        splits, c, r0.shape[1], r1.shape[1], k_part,
+        *s0, *s1, **meta["sum"],
     )
     return outs
 
@@ -426,34 +460,49 @@ def weight_grad(pairs, outs, rank: int = 1, task_ids: torch.Tensor | None = None
 _MAX_RANK_COLUMNS = 1024  # the shrink keeps all N * r columns in one tile (gate gradients need whole experts)
 
 
+_shrink_launches: dict[tuple, _Launch] = {}  # see _shrink
+
+
 def _shrink(inp, bank, gating, backward=None):
     """inp (T, K) times every rank column of an expert bank viewed as (N, r, K), with the gating epilogue of
     gating = (indices, gates, scale). Forward: returns u (T, N * r) fp32 and ug = scale * u * g in inp's dtype.
     backward = u: returns d_u and ug in inp's dtype, and d_gates (T, k + S) fp32."""
     t, k = inp.shape
+    idx, gates, scale = gating
+    bank_strides = bank.stride()
+    key = (t, k, bank.shape, bank_strides, idx.shape[1], backward is None, inp.dtype, bank.dtype,
+           dot_precision(inp), inp.device)
+    launch = _shrink_launches.get(key)
+    if launch is None:
+        launch = _remember(_shrink_launches, key,
+                           _shrink_launch(inp, bank, idx.shape[1], backward is not None, key[-2]))
+    r_cols = bank.shape[0] * bank.shape[1]
+    out = torch.empty(t, r_cols, dtype=torch.float32 if backward is None else inp.dtype, device=inp.device)
+    ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
+    u = out if backward is None else backward
+    d_gates = torch.empty(t, idx.shape[1], dtype=torch.float32, device=inp.device) if backward is not None else out
+    _shrink_kernel[launch.grid](
+        inp, bank, out, u, idx, gates, ug, d_gates,
+        t, k, r_cols,
+        *inp.stride(), *bank_strides, *out.stride(), *u.stride(), *idx.stride(), *gates.stride(),
+        *(d_gates.stride() if backward is not None else (0, 0)),
+        scale, **launch.meta,
+    )
+    return (out, ug) if backward is None else (out, ug, d_gates)
+
+
+def _shrink_launch(inp, bank, ks: int, backward: bool, precision: str) -> _Launch:
+    """The grid and meta-parameters of a shrink (see _shrink), computed once per shape."""
     n, rank, _ = bank.shape
     r_cols = n * rank
     if r_cols > _MAX_RANK_COLUMNS:
         raise ValueError(f"lora_A: N * r = {r_cols} rank columns is more than the kernels' {_MAX_RANK_COLUMNS}")
-    idx, gates, scale = gating
-    ks = idx.shape[1]
-    cfg = launch_config("shrink" if backward is None else "shrink_bwd", inp)
-    out = torch.empty(t, r_cols, dtype=torch.float32 if backward is None else inp.dtype, device=inp.device)
-    ug = torch.empty(t, r_cols, dtype=inp.dtype, device=inp.device)
-    u = out if backward is None else backward
-    d_gates = torch.empty(t, ks, dtype=torch.float32, device=inp.device) if backward is not None else out
-    _shrink_kernel[(cdiv(t, cfg["BLOCK_T"]),)](
-        inp, bank, out, u, idx, gates, ug, d_gates,
-        t, k, r_cols,
-        *inp.stride(), *bank.stride(), *out.stride(), *u.stride(), *idx.stride(), *gates.stride(),
-        *(d_gates.stride() if backward is not None else (0, 0)),
-        scale,
-        RANK=rank, KS=ks, BACKWARD=backward is not None, PACKED=_packed(bank, next_block(r_cols)),
-        PRECISION=dot_precision(inp),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=next_block(r_cols), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return (out, ug) if backward is None else (out, ug, d_gates)
+    cfg = launch_config("shrink_bwd" if backward else "shrink", inp)
+    block_r = next_block(r_cols)
+    return _Launch((cdiv(inp.shape[0], cfg["BLOCK_T"]),),
+                   dict(RANK=rank, KS=ks, BACKWARD=backward, PACKED=_packed(bank, block_r), PRECISION=precision,
+                        BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=False):
@@ -464,34 +513,37 @@ def _expand(out, v, bank, base=None, bias=None, act=None, pre=None, accumulate=F
     r_cols = v.shape[1]
     p, q, stride_qo, stride_qk = base if base is not None else (v, v, 0, 0)
     k = p.shape[1] if base is not None else 0
+    bank_strides = bank.stride()
+    args = (p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
+            t, o, k, r_cols,
+            *p.stride(), stride_qo, stride_qk, *v.stride(), *bank_strides, *out.stride())
+    # everything but the tensors and their strides follows from this key: after the first call per key, the grid
+    # and the meta-parameters, with the configuration the autotuner chose, are looked up once and launched directly,
+    # without the autotuner's per-call key building and lookup (host time; tests/test_launch_binding.py)
+    key = (t, o, k, r_cols, bank.shape[1], bank_strides, base is not None, bias is not None, act, accumulate,
+           p.dtype, q.dtype, v.dtype, bank.dtype, out.dtype, dot_precision(out), out.device)
+    launch = _expand_choice.get(key)
+    if launch is not None:
+        _expand_kernel.fn[launch.grid](*args, **launch.meta)
+        return out
     # the experts' K step: 64 rank columns (N * r in every DESIGN.md configuration) in one step for 16-bit operands;
     # 16 for fp32, whose lora_B tile spills at 32 and 64 (4-8 bytes on sm_86/sm_90, tests/test_targets.py)
     block_r = min(16 if v.dtype == torch.float32 else 64, next_block(r_cols))
-
-    precision = dot_precision(out)
-    args = (p, q, bias if bias is not None else v, v, bank, pre if pre is not None else out, out,
-            t, o, k, r_cols,
-            *p.stride(), stride_qo, stride_qk, *v.stride(), *bank.stride(), *out.stride())
     meta = dict(RANK=bank.shape[1], HAS_BASE=base is not None, HAS_BIAS=bias is not None, HAS_EXPERTS=r_cols > 0,
                 # fp32 reads lora_B with strided loads: the packed tile's reshuffle spills at fp32 width
                 PACKED=_packed(bank, block_r) and v.dtype != torch.float32, ACCUMULATE=accumulate,
-                ACTIVATION=_ACTIVATIONS[act], PRECISION=precision, BLOCK_R=block_r, GROUP_T=8)
-    # the autotuner's choice, looked up once per shape of the model dims: later calls launch the chosen
-    # configuration directly, without the autotuner's per-call key building (host time)
-    key = (o, k, r_cols, base is not None, bias is not None, act, accumulate, p.dtype, q.dtype, v.dtype, bank.dtype,
-           out.dtype, precision, out.device)
-    config = _expand_choice.get(key)
-    if config is None:
-        _expand_kernel[lambda m: (cdiv(t, m["BLOCK_T"]) * cdiv(o, m["BLOCK_O"]),)](*args, **meta)
-        # None where the kernel is a stand-in that tunes nothing (tests/test_launches.py): it keeps this path
-        _expand_choice[key] = getattr(_expand_kernel, "best_config", None)
-    else:
+                ACTIVATION=_ACTIVATIONS[act], PRECISION=key[-2], BLOCK_R=block_r, GROUP_T=8)
+    _expand_kernel[lambda m: (cdiv(t, m["BLOCK_T"]) * cdiv(o, m["BLOCK_O"]),)](*args, **meta)
+    config = getattr(_expand_kernel, "best_config", None)
+    # None where the kernel is a stand-in that tunes nothing (tests/test_launches.py): it keeps this path
+    if config is not None:
         c = config.kwargs
-        _expand_kernel.fn[(cdiv(t, c["BLOCK_T"]) * cdiv(o, c["BLOCK_O"]),)](*args, **meta, **config.all_kwargs())
+        _remember(_expand_choice, key, _Launch((cdiv(t, c["BLOCK_T"]) * cdiv(o, c["BLOCK_O"]),),
+                                               {**meta, **config.all_kwargs()}, config))
     return out
 
 
-_expand_choice: dict[tuple, triton.Config] = {}  # see _expand
+_expand_choice: dict[tuple, _Launch] = {}  # see _expand
 
 
 def _packed(bank: torch.Tensor, block_r: int) -> bool:

@@ -205,9 +205,18 @@ def _mode(mode: str) -> int:
 
 
 def _meta(x: torch.Tensor, n: int, ks: int) -> dict:
-    cfg = launch_config("route", x)
-    return dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=next_block(n), BLOCK_KS=next_block(ks, 1),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    """The meta-parameters of both routing launches, computed once per dtype, device and expert counts."""
+    key = (x.dtype, x.device, n, ks)
+    meta = _metas.get(key)
+    if meta is None:
+        cfg = launch_config("route", x)
+        meta = _metas[key] = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=next_block(n),
+                                  BLOCK_KS=next_block(ks, 1), num_warps=cfg["num_warps"],
+                                  num_stages=cfg["num_stages"])
+    return meta
+
+
+_metas: dict[tuple, dict] = {}
 
 
 def route_fwd(x, router_weight, task_ids, top_k: int, num_shared: int, mode: str):
@@ -243,9 +252,10 @@ def route_bwd(d_gates, d_prob_sums, x, router_weight, task_ids, indices, gates, 
     meta = _meta(x, n, top_k + num_shared)
     d_z = torch.empty(t, n, dtype=torch.float32, device=x.device)
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if d_gates is not None:
+    # no-op conversions are skipped: each call would still dispatch (host time)
+    if d_gates is not None and d_gates.dtype != torch.float32:
         d_gates = d_gates.to(torch.float32)
-    if d_prob_sums is not None:
+    if d_prob_sums is not None and (d_prob_sums.dtype != torch.float32 or not d_prob_sums.is_contiguous()):
         d_prob_sums = d_prob_sums.to(torch.float32).contiguous()
     _route_bwd_kernel[(cdiv(t, meta["BLOCK_T"]),)](
         x, router_weight, task_ids, indices, gates, d_gates if d_gates is not None else gates,
