@@ -4,7 +4,8 @@
     python -m ase_model.check_data --dataset nyud --data NYUD_MT
 
 Exit status 0 when every sample decodes, 1 when some do not (each bad file is listed), 2 for a usage error. The
-trainer checks only that the files exist before its first step; this reads them all.
+trainer checks before its first step only that the files exist and that their headers and lengths are whole
+(`data.probe`); this decodes them all.
 """
 
 import argparse

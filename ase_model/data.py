@@ -76,6 +76,48 @@ def _loadmat(path: str) -> dict:
         raise DataError(f"cannot read .mat file {path}: {e}") from e
 
 
+def probe(path: str) -> str | None:
+    """What is wrong with an existing data file, seen from its header and its length without decoding it (None
+    when nothing is): an image's header and its end marker (PNG IEND, JPEG EOI, in the last KiB), a .npy header
+    and the bytes it promises, a .mat header and the lengths of its top-level elements. A file damaged inside its
+    data is found only when decoded (python -m ase_model.check_data)."""
+    ext = os.path.splitext(path)[1].lower()
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            if ext == ".npy":
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:  # 3.0 (utf-8 field names): not probed, np.load will say
+                    return None
+                shape, _, dtype = read[version](f)
+                need = f.tell() + math.prod(shape) * dtype.itemsize
+                if not dtype.hasobject and size < need:
+                    return f"truncated: {size} bytes, its header promises {need}"
+            elif ext == ".mat":
+                scipy.io.whosmat(f)
+                f.seek(126)
+                order = {b"IM": "<", b"MI": ">"}.get(f.read(2))  # MAT 5's endian indicator; none in MAT 4
+                offset = end = 128
+                while order and offset + 8 <= size:  # MAT 5 top-level elements: a (type, nbytes) tag, the data
+                    f.seek(offset)
+                    kind, nbytes = (int(v) for v in np.frombuffer(f.read(8), f"{order}u4"))
+                    end = offset + 8 + nbytes
+                    offset = end + (0 if kind == 15 else -nbytes % 8)  # padded to 8 bytes, but miCOMPRESSED (15)
+                if end > size:
+                    return f"truncated: {size} bytes, its elements need {end}"
+            elif ext in Image.registered_extensions():
+                with Image.open(path) as img:
+                    img.size  # noqa: B018 (parsed with the header)
+                    end = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}.get(img.format)
+                f.seek(max(0, size - 1024))
+                if end and end not in f.read():
+                    return f"truncated: no {img.format} end marker"
+    except Exception as e:  # numpy, scipy and PIL raise several types for a truncated or foreign header
+        return f"unreadable header: {e}"
+    return None
+
+
 def decode_human_parts(path: str, shape: tuple[int, int]) -> np.ndarray:
     """Parts label map (H, W) uint8 from a PASCAL-Part .mat: every person's parts mapped by PART_MAP, 0 elsewhere.
     An image without an annotated person is all IGNORE: nothing says where its parts would be."""

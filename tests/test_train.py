@@ -468,9 +468,26 @@ def test_missing_data_files_are_found_before_the_first_step(tiny, tmp_path, caps
                 "--data", "ImageSets/Context/train.txt")
 
 
-def test_an_unreadable_file_mid_run_stops_after_saving(tiny, tmp_path, capsys):
+def _truncate(path, keep=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+@pytest.mark.parametrize("name", ["JPEGImages/2008_000005.jpg", "sal_distill/2009_000002.png",
+                                  "human_parts/2009_000002.mat"])
+def test_truncated_data_files_are_found_before_the_first_step(tiny, tmp_path, capsys, name):
+    data = _copy_of_the_data(tiny, tmp_path)
+    _truncate(os.path.join(data, name))
+    split = "train" if name.startswith("JPEG") else "val"
+    _user_error(tiny + ["--data", data, "--output", str(tmp_path / "run")], capsys,
+                f"1 files of the {split} split cannot be read", f"{name}: truncated", "check_data")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_unreadable_file_mid_run_stops_after_saving(tiny, tmp_path, capsys, monkeypatch):
     from ase_model import check_data
 
+    monkeypatch.setattr(trainer_module, "unreadable_files", lambda dataset: ([], 0))  # as if damaged inside its data
     data = _copy_of_the_data(tiny, tmp_path)
     jpeg = os.path.join(data, "JPEGImages", "2008_000005.jpg")
     with open(jpeg, "r+b") as f:
@@ -676,6 +693,9 @@ def test_nyud_missing_files_and_tasks_are_named_before_the_first_step(tiny, tmp_
     os.remove(os.path.join(data, "depth", "val_00001.npy"))
     _user_error(tiny + ["--dataset", "nyud", "--data", data, "--output", str(tmp_path / "run")], capsys,
                 "1 files of the val split are missing", "depth/val_00001.npy")
+    _truncate(os.path.join(data, "normals", "train_00002.npy"))
+    _user_error(tiny + ["--dataset", "nyud", "--data", data, "--output", str(tmp_path / "run")], capsys,
+                "1 files of the train split cannot be read", "normals/train_00002.npy: truncated")
     _user_error(tiny + ["--dataset", "nyud", "--tasks", "semseg", "sal", "--output", str(tmp_path / "run")], capsys,
                 "--tasks: expected distinct tasks of --dataset nyud (semseg, depth, normals, edge)")
     _user_error(tiny + ["--dataset", "nyud", "--augment", "crop", "--output", str(tmp_path / "run")], capsys,
