@@ -575,7 +575,7 @@ def _assert_close_runs(want: str, got: str, first_step: int = 0) -> None:
         cfg = yaml.safe_load(f)
     a, b = _params(want), _params(got)
     steps = torch.load(os.path.join(want, "last.pt"), map_location="cpu", weights_only=False)["step"]
-    schedule = train.lr_lambda(argparse.Namespace(**cfg), steps)
+    schedule = trainer_module.lr_lambda(argparse.Namespace(**cfg), steps)
     atol = 2 * sum(cfg["lr"] * schedule(s) * _adam_step_bound(s + 1) for s in range(first_step, steps))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
