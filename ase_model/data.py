@@ -56,6 +56,15 @@ class DataError(RuntimeError):
     """A dataset file is missing or unreadable; the message names it."""
 
 
+def same_shape(arrays: dict, shape: tuple, image_id: str) -> dict:
+    """arrays (name -> (H, W, ...) array) when every one is of the image's (H, W) shape; DataError naming the first
+    that is not."""
+    for name, value in arrays.items():
+        if value.shape[:2] != shape:
+            raise DataError(f"image {image_id}: {name} has shape {value.shape[:2]}, the image {shape}")
+    return arrays
+
+
 def _open(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -276,10 +285,7 @@ class PascalContextMT(Dataset):
         parts = decode_human_parts(parts_path, shape)
         out = dict(image=image, semseg=semseg, human_parts=parts, sal=sal, normals=normals,
                    edge=edges_from_context(context))
-        for name, value in out.items():
-            if value.shape[:2] != shape:
-                raise DataError(f"image {i}: {name} has shape {value.shape[:2]}, the image {shape}")
-        return out
+        return same_shape(out, shape, i)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.load(index)

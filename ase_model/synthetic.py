@@ -114,26 +114,45 @@ def _draw(rng, h, w):
     return image.astype(np.uint8), semseg, context, saliency, normals, objects
 
 
-def is_synthetic(root: str) -> bool:
-    """Whether root holds a dataset written by `make_synthetic_pascal`."""
+def read_stamp(root: str) -> str:
+    """What a synthetic generator wrote to root's `.complete` (its last file, so an interrupted write has none):
+    '' where there is none."""
     try:
         with open(os.path.join(root, ".complete")) as f:
-            return f.read().startswith("synthetic PASCAL_MT")
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def written_already(root: str, stamp: str) -> bool:
+    """Whether root holds the very synthetic dataset `stamp` describes; a stamp of another (other sizes or seed) is
+    removed, so that the caller writes it anew."""
+    if read_stamp(root) == stamp:
+        return True
+    if os.path.exists(os.path.join(root, ".complete")):
+        os.remove(os.path.join(root, ".complete"))
+    return False
+
+
+def write_stamp(root: str, stamp: str) -> str:
+    """Mark root's synthetic dataset complete (after its last file). Returns root."""
+    with open(os.path.join(root, ".complete"), "w") as f:
+        f.write(stamp)
+    return root
+
+
+def is_synthetic(root: str) -> bool:
+    """Whether root holds a dataset written by `make_synthetic_pascal`."""
+    return read_stamp(root).startswith("synthetic PASCAL_MT")
 
 
 def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, size: int = 64, seed: int = 0) -> str:
     """Write a synthetic PASCAL_MT dataset under root (skipped if root already holds this very one; written anew
     over one made with other sizes or seed). Images have varied, non-square sizes, each side at least `size`
     (see `image_size`). Returns root."""
-    done = os.path.join(root, ".complete")
     stamp = f"synthetic PASCAL_MT v2 (varied sizes): {num_train} train, {num_val} val, sides >= {size}, seed {seed}\n"
-    if os.path.exists(done):
-        with open(done) as f:
-            if f.read() == stamp:
-                return root
-        os.remove(done)
+    if written_already(root, stamp):
+        return root
     rng = np.random.default_rng(seed)
     for sub in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "human_parts", "normals_distill",
                 "sal_distill", "pascal-context/trainval", "json"):
@@ -163,6 +182,4 @@ def make_synthetic_pascal(root: str, num_train: int = 48, num_val: int = 16, siz
             scipy.io.savemat(os.path.join(root, "human_parts", f"{image_id}.mat"), {"anno": anno})
         with open(os.path.join(root, "ImageSets", "Context", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
-    with open(done, "w") as f:
-        f.write(stamp)
-    return root
+    return write_stamp(root, stamp)

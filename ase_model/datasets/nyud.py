@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data import IGNORE, MEAN, STD, DataError, _hflip, _open, _warp
+from ..data import IGNORE, MEAN, STD, DataError, _hflip, _open, _warp, same_shape
 from ..losses import EDGE_POS_WEIGHT, balanced_bce, cross_entropy, depth_l1, normals_l1
 from ..metrics import ConfusionMeter, DepthMeter, EdgeMeter, NormalsMeter
 from . import Dataset, Task
@@ -104,11 +104,8 @@ class NYUDMT(TorchDataset):
             raise DataError(f"{normals_path}: expected an (H, W, 3) array, got shape {normals.shape}")
         normals[np.linalg.norm(normals, axis=2) == 0] = IGNORE
         edge = _load_npy(edge_path).astype(np.float32)
-        out = dict(image=image, semseg=semseg, depth=depth, normals=normals, edge=edge)
-        for name, value in out.items():
-            if value.shape[:2] != shape:
-                raise DataError(f"image {self.ids[index]}: {name} has shape {value.shape[:2]}, the image {shape}")
-        return out
+        return same_shape(dict(image=image, semseg=semseg, depth=depth, normals=normals, edge=edge), shape,
+                          self.ids[index])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.load(index)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import edges_from_context
-from ..synthetic import image_size
+from ..synthetic import image_size, read_stamp, write_stamp, written_already
 
 STAMP = "synthetic NYUD_MT"
 _PALETTE = np.random.default_rng(4321).integers(40, 255, size=(41, 3))
@@ -68,23 +68,15 @@ def _scene(rng, h, w):
 
 def is_synthetic(root: str) -> bool:
     """Whether root holds a dataset written by `make_synthetic_nyud`."""
-    try:
-        with open(os.path.join(root, ".complete")) as f:
-            return f.read().startswith(STAMP)
-    except OSError:
-        return False
+    return read_stamp(root).startswith(STAMP)
 
 
 def make_synthetic_nyud(root: str, num_train: int = 48, num_val: int = 16, size: int = 64, seed: int = 0) -> str:
     """Write a synthetic NYUD_MT dataset under root (skipped if root already holds this very one). Images have
     varied, non-square sizes, each side at least `size`. Returns root."""
-    done = os.path.join(root, ".complete")
     stamp = f"{STAMP} v1: {num_train} train, {num_val} val, sides >= {size}, seed {seed}\n"
-    if os.path.exists(done):
-        with open(done) as f:
-            if f.read() == stamp:
-                return root
-        os.remove(done)
+    if written_already(root, stamp):
+        return root
     rng = np.random.default_rng(seed)
     for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -99,6 +91,4 @@ def make_synthetic_nyud(root: str, num_train: int = 48, num_val: int = 16, size:
             np.save(os.path.join(root, "edge", f"{image_id}.npy"), edges_from_context(segmentation).astype(np.float32))
         with open(os.path.join(root, "gt_sets", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
-    with open(done, "w") as f:
-        f.write(stamp)
-    return root
+    return write_stamp(root, stamp)
