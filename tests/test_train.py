@@ -74,23 +74,26 @@ def _assert_same_run(whole, other, what):
 
 def test_pascal_runs_are_those_of_before_the_dataset_plug_in(whole):
     """The `whole` run against the one recorded before PASCAL-Context became a plug-in (tests/pascal_tiny_run.json,
-    whose parameters' sha256 this run reproduced exactly on the machine that recorded it). Compared per parameter
-    tensor (its sum and absolute sum) and per logged number, to 1e-5 relative: another CPU's kernels round
-    differently. The normals and edge odsF metrics (and so delta_m) are left out: their meters are being changed
-    on purpose (the normals label renormalisation, the edge matcher)."""
+    whose parameters' sha256 this run reproduced exactly on the machine that recorded it). Another CPU's kernels
+    round differently, so the comparison uses the bounds `_run_bounds` derives: each parameter tensor's sum and
+    absolute sum within numel times the per-element bound, the logged training losses within the relative loss
+    bound. The validation metrics are not compared: an arg-max that flips on one pixel moves an mIoU by more than
+    any rounding bound (and the normals and edge meters were changed on purpose since the recording)."""
     with open(os.path.join(os.path.dirname(__file__), "pascal_tiny_run.json")) as f:
         recorded = json.load(f)
+    atol, rel = _run_bounds(whole)
     params = _params(whole)
     assert sorted(params) == sorted(recorded["parameters"])
     for name, (total, absolute) in recorded["parameters"].items():
         p = params[name].double()
-        assert p.sum().item() == pytest.approx(total, rel=1e-5, abs=1e-6), name
-        assert p.abs().sum().item() == pytest.approx(absolute, rel=1e-5), name
+        assert p.sum().item() == pytest.approx(total, rel=0, abs=p.numel() * atol), name
+        assert p.abs().sum().item() == pytest.approx(absolute, rel=0, abs=p.numel() * atol), name
     logged = _logged(whole)
     assert len(logged) == len(recorded["log"])
     for got, want in zip(logged, recorded["log"], strict=True):
-        for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        assert {k: got[k] for k in ("epoch", "step", "lr")} == {k: want[k] for k in ("epoch", "step", "lr")}
+        for key in [k for k in want if k.startswith("train/")]:
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=0), key
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, whole, tmp_path, capsys):
@@ -571,18 +574,24 @@ def _assert_close_runs(want: str, got: str, first_step: int = 0) -> None:
       tiny model, whose rounding is about eps32 * sqrt(P) relative; each of the T steps before a log adds its own
       through the parameters it leaves, so the bound is T * eps32 * sqrt(P) relative (6.1e-5 here; the MI loss,
       a cancelling sum of ~1e-3 measured 1.3e-5 under ATEN_CPU_CAPABILITY=default)."""
-    with open(os.path.join(want, "config.yaml")) as f:
-        cfg = yaml.safe_load(f)
     a, b = _params(want), _params(got)
-    steps = torch.load(os.path.join(want, "last.pt"), map_location="cpu", weights_only=False)["step"]
-    schedule = trainer_module.lr_lambda(argparse.Namespace(**cfg), steps)
-    atol = 2 * sum(cfg["lr"] * schedule(s) * _adam_step_bound(s + 1) for s in range(first_step, steps))
+    atol, rel = _run_bounds(want, first_step)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
-    rel = steps * FP32_EPS * (cfg["batch_size"] * cfg["img_size"] ** 2) ** 0.5
     for x, y in zip(_history(want), _history(got), strict=True):
         for key in [k for k in x if k.startswith("train/")]:
             assert y[key] == pytest.approx(x[key], rel=rel, abs=0), key
+
+
+def _run_bounds(run: str, first_step: int = 0) -> tuple[float, float]:
+    """(per-element parameter bound, relative loss bound) of `_assert_close_runs` for the run in `run`, over its
+    steps after `first_step`."""
+    with open(os.path.join(run, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    steps = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)["step"]
+    schedule = trainer_module.lr_lambda(argparse.Namespace(**cfg), steps)
+    atol = 2 * sum(cfg["lr"] * schedule(s) * _adam_step_bound(s + 1) for s in range(first_step, steps))
+    return atol, steps * FP32_EPS * (cfg["batch_size"] * cfg["img_size"] ** 2) ** 0.5
 
 
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "masked_select"}
