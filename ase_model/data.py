@@ -56,6 +56,19 @@ class DataError(RuntimeError):
     """A dataset file is missing or unreadable; the message names it."""
 
 
+def read_ids(ids_file: str, root: str, layout: str) -> list[str]:
+    """The image ids ids_file lists, one a line; DataError where it is missing (root is then not a `layout` root)
+    or lists none."""
+    try:
+        with open(ids_file) as f:
+            ids = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError as e:
+        raise DataError(f"missing file: {ids_file} (is {root} a {layout} dataset root?)") from e
+    if not ids:
+        raise DataError(f"{ids_file} lists no images")
+    return ids
+
+
 def same_shape(arrays: dict, shape: tuple, image_id: str) -> dict:
     """arrays (name -> (H, W, ...) array) when every one is of the image's (H, W) shape; DataError naming the first
     that is not."""
@@ -234,14 +247,7 @@ class PascalContextMT(Dataset):
         self.train = split == "train" if train is None else train
         self.seed, self.epoch, self.scale_range = seed, 0, scale_range
         self.augment, self.max_rotation = augment, max_rotation
-        ids_file = os.path.join(root, "ImageSets", "Context", f"{split}.txt")
-        try:
-            with open(ids_file) as f:
-                self.ids = [line.strip() for line in f if line.strip()]
-        except FileNotFoundError as e:
-            raise DataError(f"missing file: {ids_file} (is {root} a PASCAL_MT dataset root?)") from e
-        if not self.ids:
-            raise DataError(f"{ids_file} lists no images")
+        self.ids = read_ids(os.path.join(root, "ImageSets", "Context", f"{split}.txt"), root, "PASCAL_MT")
         if isinstance(normals_valid, str) and normals_valid == "auto":
             normals_valid = normals_valid_classes(root)
         self.normals_valid = None if normals_valid is None else np.asarray(sorted(normals_valid))

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset as TorchDataset
 
-from ..data import IGNORE, MEAN, STD, DataError, _hflip, _open, _warp, same_shape
+from ..data import IGNORE, MEAN, STD, DataError, _hflip, _open, _warp, read_ids, same_shape
 from ..losses import EDGE_POS_WEIGHT, balanced_bce, cross_entropy, depth_l1, normals_l1
 from ..metrics import ConfusionMeter, DepthMeter, EdgeMeter, NormalsMeter
 from . import Dataset, Task
@@ -68,14 +68,7 @@ class NYUDMT(TorchDataset):
         self.root, self.split, self.img_size = root, split, img_size
         self.train = split == "train" if train is None else train
         self.seed, self.epoch = seed, 0
-        ids_file = os.path.join(root, "gt_sets", f"{split}.txt")
-        try:
-            with open(ids_file) as f:
-                self.ids = [line.strip() for line in f if line.strip()]
-        except FileNotFoundError as e:
-            raise DataError(f"missing file: {ids_file} (is {root} a NYUD_MT dataset root?)") from e
-        if not self.ids:
-            raise DataError(f"{ids_file} lists no images")
+        self.ids = read_ids(os.path.join(root, "gt_sets", f"{split}.txt"), root, "NYUD_MT")
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation is a function of (seed, epoch, index): reproducible across workers and resumes."""
