@@ -12,6 +12,7 @@ from PIL import Image
 
 from ase_model import check_data, datasets
 from ase_model.data import IGNORE, DataError
+from ase_model.datasets import nyud, pascal_context
 from ase_model.datasets.nyud_synthetic import make_synthetic_nyud, rays
 from ase_model.losses import depth_l1
 
@@ -184,7 +185,7 @@ def test_edges_match_within_0_011_of_the_diagonal_as_seism_on_nyud(pyedgeeval):
         meter = datasets.get(name).make_meters(["edge"], edge_thresholds=3)["edge"]
         meter.update(prob, gt)
         scores[name] = meter.compute()["odsF"]
-    assert datasets.get("nyud").edge_max_dist == 0.011 and datasets.get("pascal_context").edge_max_dist == 0.0075
+    assert nyud.EDGE_MAX_DIST == 0.011 and pascal_context.EDGE_MAX_DIST == 0.0075
     assert scores["nyud"] == pytest.approx(100.0) and scores["pascal_context"] < 5, scores
 
 

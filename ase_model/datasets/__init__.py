@@ -2,9 +2,9 @@
 
 A dataset is one module of this package that defines ``DATASET``, a `Dataset`: its tasks (output channels, loss,
 loss weight, how a prediction is decoded, the metric delta_m reads and its direction), its loader (decoding and
-augmentation), its meters, its edge tolerance, its delta_m reference file and its synthetic generator. The model,
-the loop, the evaluation and the checkpoints read these facts and name no task. Adding a dataset is adding a
-module here.
+augmentation), its meters (the edge tolerance among them), its delta_m reference file and its synthetic generator.
+The model, the loop, the evaluation and the checkpoints read these facts and name no task. Adding a dataset is
+adding a module here.
 """
 
 import functools
@@ -41,20 +41,17 @@ class Dataset:
     loader: (root, split, img_size, train=None, seed=0, augment="reference") -> a torch Dataset with ``files(i)``
     (the paths sample i reads), ``load(i)`` (its decoded arrays), ``set_epoch``, ``root`` and ``split``.
     make_meters: (tasks, device, *, edge_ods, edge_thresholds, eval_workers, edge_matcher) -> {task: metrics.Meter}.
-    edge_max_dist: the edge matching tolerance, a fraction of the image diagonal (SEISM's maxDist).
     reference: the YAML file of single-task numbers delta_m is taken against, or None (no cited numbers: pass
     --reference). make_synthetic: (root, num_train, num_val, size, seed) -> root, a synthetic copy of the layout;
-    is_synthetic: (root) -> whether root was made by it. layout: what --data must point to."""
+    is_synthetic: (root) -> whether root was made by it. augmentations: the --augment choices its loader takes."""
 
     name: str
     tasks: dict[str, Task]
     loader: Callable
     make_meters: Callable
-    edge_max_dist: float
     reference: str | None
     make_synthetic: Callable
     is_synthetic: Callable
-    layout: str
     augmentations: tuple[str, ...] = ("reference",)
 
 

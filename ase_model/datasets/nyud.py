@@ -169,9 +169,7 @@ DATASET = Dataset(
     tasks=TASKS,
     loader=NYUDMT,
     make_meters=make_meters,
-    edge_max_dist=EDGE_MAX_DIST,
     reference=None,  # the ASE paper has no NYUD row; delta_m needs the user's single-task runs (--reference)
     make_synthetic=make_synthetic_nyud,
     is_synthetic=is_synthetic,
-    layout="NYUD_MT root",
 )

@@ -46,10 +46,8 @@ DATASET = Dataset(
     tasks=TASKS,
     loader=PascalContextMT,
     make_meters=make_meters,
-    edge_max_dist=EDGE_MAX_DIST,
     reference=os.path.join(os.path.dirname(os.path.dirname(__file__)), "reference_metrics.yaml"),
     make_synthetic=make_synthetic_pascal,
     is_synthetic=is_synthetic,
-    layout="PASCAL_MT root",
     augmentations=AUGMENTATIONS,
 )
