@@ -299,7 +299,7 @@ class Trainer(RunLog, SignalStop, Resumable):
         otherwise epochs would be compared on 5 tasks against 4."""
         if not self.args.reference:
             return math.nan
-        tasks = datasets.get(self.args.dataset).tasks
+        tasks = self.dataset.tasks
         keep = {t: m for t, m in results.items() if not (t in tasks and tasks[t].boundary)
                 or self.args.edge_eval_every == 1}
         return delta_m(keep, load_reference(self.args.reference))[0]

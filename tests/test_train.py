@@ -659,8 +659,9 @@ def test_best_checkpoint_compares_evaluations_on_the_same_tasks(edge_eval_every)
 
     from ase_model.datasets import get
 
-    trainer = SimpleNamespace(args=SimpleNamespace(edge_eval_every=edge_eval_every, dataset="pascal_context",
-                                                   reference=get("pascal_context").reference))
+    dataset = get("pascal_context")
+    trainer = SimpleNamespace(dataset=dataset, args=SimpleNamespace(edge_eval_every=edge_eval_every,
+                                                                    reference=dataset.reference))
     four = {"semseg": {"mIoU": 61.0}, "human_parts": {"mIoU": 50.0}, "sal": {"mIoU": 60.0}, "normals": {"mean": 16.0},
             "edge": {"bce": 0.2}}
     five = {**four, "edge": {"bce": 0.2, "odsF": 20.0}}  # a poor edge score would sink a 5-task delta_m
