@@ -58,7 +58,7 @@ def _presets_table() -> str:
     return "defaults set by --preset (a config file or the command line overrides them):\n" + "\n".join(rows)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """A user error is one line naming the option (not the whole usage), exit status 2."""
 
     def error(self, message):
@@ -66,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
+    p = Parser(prog="python -m ase_model.train", description=__doc__, epilog=_presets_table(),
                 formatter_class=_HelpFormatter)
     add = p.add_argument
     add("-c", "--config", help="YAML file of options (keys as the long option names, with _)")

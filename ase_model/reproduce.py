@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import datasets
 from .errors import UserError
-from .options import DEFAULT_DATASET
+from .options import DEFAULT_DATASET, Parser
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 # what the sweep sets for every row itself: the trainer options a user may not pass through
@@ -46,14 +46,9 @@ def say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
     # no abbreviations: an option it does not know is the trainer's, however it starts
-    p = _Parser(prog="python -m ase_model.reproduce", description=__doc__, allow_abbrev=False,
+    p = Parser(prog="python -m ase_model.reproduce", description=__doc__, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="dataset root, passed to every row (default: synthetic data, labelled as such)")
     p.add_argument("--pretrained", help="ViT weights, passed to every row (default: a random backbone, which the "
