@@ -16,7 +16,7 @@ the table last. A failed step is recorded and the others run (exit status 1); no
 ``--dry-run`` runs the same code on the CPU at bench/conftest.py's CPU shapes, the kernels under Triton's
 interpreter (no CUDA graph is captured there: the graphed rows replay the eager step), so that CI finds what a CPU
 can find before a GPU minute is spent. Nothing is installed or compiled by torch.compile; the Triton kernels compile
-(and the one autotuned kernel tries its three configurations) on first use.
+(and the one autotuned kernel tries those of its configurations that fit the GPU) on first use.
 """
 
 import argparse
